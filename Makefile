@@ -1,0 +1,76 @@
+# instastyle: plain C, libc + libm + pthreads. No detection: the switches below are explicit.
+#   make                 optimised build of ./instastyle
+#   make test            builds and runs every test (golden cases, unit tests, CLI checks)
+#   make debug           the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make golden          only the golden cases of GOLDEN (default ../shared/golden)
+#   make bench           ./instastyle bench (full-size SD 1.5 with random weights)
+#   make demo            invert → candidates → generate → mix on the tiny fixture model
+#   make fuzz            libFuzzer targets (clang), FUZZ_SECONDS each
+#   OPENMP=1             use OpenMP for the thread pool instead of pthreads
+#   CUDA=1               also compile nn_cuda.cu with nvcc (CUDA_ARCH, default sm_90)
+CC ?= cc
+CFLAGS ?= -O2 -std=c11 -Wall -Wextra
+LDLIBS = -lm -lpthread
+GOLDEN ?= ../shared/golden
+BUILD ?= build
+FUZZ_SECONDS ?= 600
+
+SRC = tensor.c gemm.c nn.c sd.c ddim.c lora.c tokenizer.c image.c
+ifeq ($(OPENMP),1)
+  CFLAGS += -fopenmp
+  LDLIBS += -fopenmp
+endif
+ifeq ($(CUDA),1)
+  NVCC ?= nvcc
+  CUDA_ARCH ?= sm_90
+  CFLAGS += -DUSE_CUDA
+  LDLIBS += -L$(dir $(shell which $(NVCC)))../lib64 -lcudart -lstdc++
+  CUDA_OBJ = $(BUILD)/nn_cuda.o
+endif
+OBJ = $(SRC:%.c=$(BUILD)/%.o) $(CUDA_OBJ)
+TESTS = $(BUILD)/run_golden $(BUILD)/test_tokenizer $(BUILD)/test_image $(BUILD)/test_gemm $(BUILD)/gradcheck $(BUILD)/test_units
+
+.PHONY: all test debug golden bench demo fuzz clean
+all: instastyle
+
+$(BUILD)/%.o: %.c instastyle.h | $(BUILD)
+	$(CC) $(CFLAGS) -c $< -o $@
+$(BUILD)/nn_cuda.o: nn_cuda.cu instastyle.h | $(BUILD)
+	$(NVCC) -O3 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -c $< -o $@
+$(BUILD):
+	mkdir -p $(BUILD)
+
+instastyle: $(BUILD)/instastyle.o $(OBJ)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/run_golden: tests/run_golden.c tests/golden_kinds.c tests/golden.h $(OBJ)
+	$(CC) $(CFLAGS) -I. tests/run_golden.c tests/golden_kinds.c $(OBJ) -o $@ $(LDLIBS)
+$(BUILD)/%: tests/%.c $(OBJ)
+	$(CC) $(CFLAGS) -I. $< $(OBJ) -o $@ $(LDLIBS)
+
+test: instastyle $(TESTS)
+	tests/run_tests.sh $(BUILD) $(GOLDEN)
+
+debug:
+	$(MAKE) BUILD=build-debug CFLAGS="-O1 -g -std=c11 -Wall -Wextra -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
+	    SANITIZE=1 instastyle-debug test-debug
+instastyle-debug: $(BUILD)/instastyle.o $(OBJ)
+	$(CC) $(CFLAGS) $^ -o $(BUILD)/instastyle $(LDLIBS)
+test-debug: instastyle-debug $(TESTS)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	    INSTASTYLE=$(BUILD)/instastyle tests/run_tests.sh $(BUILD) $(GOLDEN)
+
+golden: $(BUILD)/run_golden
+	$(BUILD)/run_golden $(GOLDEN)
+
+bench: instastyle
+	./instastyle bench
+
+demo: instastyle
+	tests/demo.sh $(GOLDEN)
+
+fuzz:
+	tests/fuzz/run_fuzz.sh $(FUZZ_SECONDS)
+
+clean:
+	rm -rf build build-debug build-fuzz instastyle

@@ -1,0 +1,441 @@
+// nn.c: the kernels of SD 1.5, each forward with its backward directly below it.
+//
+// Layouts are PyTorch's: activations NCHW, token sequences (N, T, C), linear weight (OUT, IN),
+// conv weight (OC, C, KH, KW). Arguments: outputs, saved-for-backward buffers, inputs, weights,
+// dims. Backward: input grads, parameter grads (NULL = frozen, not computed), dout, saved buffers,
+// inputs, weights, dims. Gradients accumulate (+=) into buffers the caller zeroed.
+//
+// Dimension letters: N batch, C channels, H W height width, HW = H·W, T tokens, Tq Tk query and
+// key tokens, NH heads, HD head size, G groups, OC out channels, K kernel size, M rows.
+//
+// Threads split independent outputs only (rows, channels, query blocks), so every output is
+// computed in the same order for any thread count: results are bitwise reproducible.
+// The matrix multiplies all go through sgemm (gemm.c). Norm statistics are accumulated in double.
+// What is deliberately left out: dropout (inference and SD fine-tuning use p = 0), affine-parameter
+// gradients of norms (all norms are frozen in InstaStyle), bias gradients of frozen layers.
+#include "instastyle.h"
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+// ----------------------------------------------------------------------------------------------
+// linear: out[M, OUT] = inp[M, IN] · w[OUT, IN]ᵀ + b[OUT]   (b may be NULL)
+
+void linear_forward(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT) {
+    sgemm(0, 1, M, OUT, IN, 1.0f, inp, IN, w, IN, 0.0f, out, OUT);
+    if (b)
+        for (int m = 0; m < M; m++)
+            for (int o = 0; o < OUT; o++) out[(size_t)m * OUT + o] += b[o];
+}
+
+// dinp[M, IN] += dout · w;  dw[OUT, IN] += doutᵀ · inp;  db[OUT] += Σ_m dout.
+void linear_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                     const float* w, int M, int IN, int OUT) {
+    if (dinp) sgemm(0, 0, M, IN, OUT, 1.0f, dout, OUT, w, IN, 1.0f, dinp, IN);
+    if (dw) sgemm(1, 0, OUT, IN, M, 1.0f, dout, OUT, inp, IN, 1.0f, dw, IN);
+    if (db)
+        for (int m = 0; m < M; m++)
+            for (int o = 0; o < OUT; o++) db[o] += dout[(size_t)m * OUT + o];
+}
+
+// ----------------------------------------------------------------------------------------------
+// conv2d: out[N, OC, Ho, Wo] = w[OC, C, K, K] ⊛ inp[N, C, H, W] + b, stride s, zero padding
+// pad_lo on top/left and pad_hi on bottom/right (the VAE encoder's down-sampling pads (0, 1)).
+// Ho = (H + pad_lo + pad_hi − K) / s + 1. Computed as GEMM over im2col tiles of at most
+// CONV_TILE_BYTES, never a column buffer of the whole layer; 1×1 stride-1 convs are one GEMM.
+
+#define CONV_TILE_BYTES ((size_t)16 << 20)
+
+typedef struct Im2col {
+    float* col;                 // [C·K·K, np] for output pixels p0 .. p0+np−1
+    const float* x;             // [C, H, W] one image
+    int C, H, W, K, stride, pad, Wo, p0, np;
+} Im2col;
+
+static void im2col_rows(void* ctx, int r0, int r1) {
+    const Im2col* a = ctx;
+    for (int r = r0; r < r1; r++) {          // r = (c, ky, kx)
+        int c = r / (a->K * a->K), ky = (r / a->K) % a->K, kx = r % a->K;
+        const float* xc = a->x + (size_t)c * a->H * a->W;
+        float* dst = a->col + (size_t)r * a->np;
+        for (int i = 0; i < a->np; i++) {
+            int p = a->p0 + i, oy = p / a->Wo, ox = p % a->Wo;
+            int iy = oy * a->stride - a->pad + ky, ix = ox * a->stride - a->pad + kx;
+            dst[i] = (iy >= 0 && iy < a->H && ix >= 0 && ix < a->W) ? xc[(size_t)iy * a->W + ix] : 0.0f;
+        }
+    }
+}
+
+static void add_channel_bias(float* out, const float* b, int OC, size_t HW) {
+    for (int o = 0; o < OC; o++)
+        for (size_t p = 0; p < HW; p++) out[o * HW + p] += b[o];
+}
+
+void conv2d_forward(float* out, const float* inp, const float* w, const float* b, int N, int C,
+                    int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
+    size_t HWo = (size_t)Ho * Wo, CKK = (size_t)C * K * K;
+    if (K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0) {
+        for (int n = 0; n < N; n++)
+            sgemm(0, 0, OC, (int)HWo, C, 1.0f, w, C, inp + (size_t)n * C * HWo, (int)HWo, 0.0f,
+                  out + (size_t)n * OC * HWo, (int)HWo);
+    } else {
+        size_t tile = CONV_TILE_BYTES / (CKK * sizeof(float));
+        if (tile < 256) tile = 256;
+        if (tile > HWo) tile = HWo;
+        size_t mark = arena_mark(scratch);
+        float* col = arena_alloc(scratch, CKK * tile);
+        for (int n = 0; n < N; n++) {
+            for (size_t p0 = 0; p0 < HWo; p0 += tile) {
+                int np = (int)(HWo - p0 < tile ? HWo - p0 : tile);
+                Im2col a = {col, inp + (size_t)n * C * H * W, C, H, W, K, stride, pad_lo, Wo, (int)p0, np};
+                parallel_for((int)CKK, im2col_rows, &a);
+                sgemm(0, 0, OC, np, (int)CKK, 1.0f, w, (int)CKK, col, np, 0.0f,
+                      out + (size_t)n * OC * HWo + p0, (int)HWo);
+            }
+        }
+        arena_reset(scratch, mark);
+    }
+    if (b)
+        for (int n = 0; n < N; n++) add_channel_bias(out + (size_t)n * OC * HWo, b, OC, HWo);
+}
+
+// Backward-data: dinp += wᵀ ⊛ dout (the transposed convolution), via col = wᵀ·dout then col2im.
+static void col2im_add(float* dx, const float* col, int C, int H, int W, int K, int stride, int pad,
+                       int Wo, int p0, int np) {
+    for (int r = 0; r < C * K * K; r++) {
+        int c = r / (K * K), ky = (r / K) % K, kx = r % K;
+        float* dxc = dx + (size_t)c * H * W;
+        const float* src = col + (size_t)r * np;
+        for (int i = 0; i < np; i++) {
+            int p = p0 + i, oy = p / Wo, ox = p % Wo;
+            int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W) dxc[(size_t)iy * W + ix] += src[i];
+        }
+    }
+}
+
+void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
+                           int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
+    size_t HWo = (size_t)Ho * Wo, CKK = (size_t)C * K * K;
+    if (K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0) {
+        for (int n = 0; n < N; n++)
+            sgemm(1, 0, C, (int)HWo, OC, 1.0f, w, C, dout + (size_t)n * OC * HWo, (int)HWo, 1.0f,
+                  dinp + (size_t)n * C * HWo, (int)HWo);
+        return;
+    }
+    size_t tile = CONV_TILE_BYTES / (CKK * sizeof(float));
+    if (tile < 256) tile = 256;
+    if (tile > HWo) tile = HWo;
+    size_t mark = arena_mark(scratch);
+    float* col = arena_alloc(scratch, CKK * tile);
+    for (int n = 0; n < N; n++)
+        for (size_t p0 = 0; p0 < HWo; p0 += tile) {
+            int np = (int)(HWo - p0 < tile ? HWo - p0 : tile);
+            sgemm(1, 0, (int)CKK, np, OC, 1.0f, w, (int)CKK, dout + (size_t)n * OC * HWo + p0, (int)HWo,
+                  0.0f, col, np);
+            col2im_add(dinp + (size_t)n * C * H * W, col, C, H, W, K, stride, pad_lo, Wo, (int)p0, np);
+        }
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// groupnorm: x[N, C, HW] in G groups of C/G channels; per (n, g): mean μ, rstd = 1/√(σ² + eps);
+// out = (x − μ)·rstd·w[c] + b[c], then SiLU when `silu` is set (ResBlocks always follow the norm
+// with SiLU; fusing saves a pass). Saves mean, rstd [N, G] when non-NULL.
+
+typedef struct GroupNormArgs {
+    float* out; float* mean; float* rstd;
+    const float* x; const float* w; const float* b;
+    int C, HW, G, silu; float eps;
+} GroupNormArgs;
+
+static void groupnorm_groups(void* ctx, int i0, int i1) {
+    const GroupNormArgs* a = ctx;
+    int cg = a->C / a->G;
+    for (int i = i0; i < i1; i++) {              // i = n·G + g
+        int n = i / a->G, g = i % a->G;
+        size_t off = ((size_t)n * a->C + (size_t)g * cg) * a->HW, cnt = (size_t)cg * a->HW;
+        const float* x = a->x + off;
+        double sum = 0, sq = 0;
+        for (size_t j = 0; j < cnt; j++) sum += x[j];
+        double mu = sum / (double)cnt;
+        for (size_t j = 0; j < cnt; j++) { double d = x[j] - mu; sq += d * d; }
+        float rstd = (float)(1.0 / sqrt(sq / (double)cnt + a->eps)), m = (float)mu;
+        if (a->mean) { a->mean[i] = m; a->rstd[i] = rstd; }
+        for (int c = 0; c < cg; c++) {
+            int ch = g * cg + c;
+            float scale = rstd * a->w[ch], shift = a->b[ch] - m * scale;
+            const float* xc = x + (size_t)c * a->HW;
+            float* oc = a->out + off + (size_t)c * a->HW;
+            if (a->silu)
+                for (int j = 0; j < a->HW; j++) { float v = xc[j] * scale + shift; oc[j] = v / (1.0f + expf(-v)); }
+            else
+                for (int j = 0; j < a->HW; j++) oc[j] = xc[j] * scale + shift;
+        }
+    }
+}
+
+void groupnorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
+                       const float* b, int N, int C, int HW, int G, float eps, int silu) {
+    GroupNormArgs a = {out, mean, rstd, x, w, b, C, HW, G, silu, eps};
+    parallel_for(N * G, groupnorm_groups, &a);
+}
+
+// Forward (without SiLU): y = (x − μ)·rstd·w + b. With x̂ = (x − μ)·rstd and g = dy·w:
+// dx = rstd · (g − mean(g) − x̂ · mean(g·x̂)), means over the group.
+void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean,
+                        const float* rstd, const float* w, int N, int C, int HW, int G) {
+    int cg = C / G;
+    for (int i = 0; i < N * G; i++) {
+        int n = i / G, g = i % G;
+        size_t off = ((size_t)n * C + (size_t)g * cg) * HW, cnt = (size_t)cg * HW;
+        double sg = 0, sgx = 0;
+        for (int c = 0; c < cg; c++) {
+            float wc = w[g * cg + c];
+            for (int j = 0; j < HW; j++) {
+                size_t k = off + (size_t)c * HW + j;
+                float xh = (x[k] - mean[i]) * rstd[i], gk = dout[k] * wc;
+                sg += gk;
+                sgx += gk * xh;
+            }
+        }
+        float mg = (float)(sg / cnt), mgx = (float)(sgx / cnt);
+        for (int c = 0; c < cg; c++) {
+            float wc = w[g * cg + c];
+            for (int j = 0; j < HW; j++) {
+                size_t k = off + (size_t)c * HW + j;
+                float xh = (x[k] - mean[i]) * rstd[i];
+                dx[k] += rstd[i] * (dout[k] * wc - mg - xh * mgx);
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// layernorm over the last dim: x[M, C]; out = (x − μ)·rstd·w + b; saves mean, rstd [M].
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
+                       const float* b, int M, int C, float eps) {
+    for (int m = 0; m < M; m++) {
+        const float* xm = x + (size_t)m * C;
+        double sum = 0, sq = 0;
+        for (int c = 0; c < C; c++) sum += xm[c];
+        double mu = sum / C;
+        for (int c = 0; c < C; c++) { double d = xm[c] - mu; sq += d * d; }
+        float r = (float)(1.0 / sqrt(sq / C + eps)), mf = (float)mu;
+        if (mean) { mean[m] = mf; rstd[m] = r; }
+        float* om = out + (size_t)m * C;
+        for (int c = 0; c < C; c++) om[c] = (xm[c] - mf) * r * w[c] + b[c];
+    }
+}
+
+// Same derivative as groupnorm with one group per row: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)).
+void layernorm_backward(float* dx, const float* dout, const float* x, const float* mean,
+                        const float* rstd, const float* w, int M, int C) {
+    for (int m = 0; m < M; m++) {
+        const float* xm = x + (size_t)m * C;
+        const float* dm = dout + (size_t)m * C;
+        double sg = 0, sgx = 0;
+        for (int c = 0; c < C; c++) {
+            float xh = (xm[c] - mean[m]) * rstd[m], g = dm[c] * w[c];
+            sg += g;
+            sgx += g * xh;
+        }
+        float mg = (float)(sg / C), mgx = (float)(sgx / C);
+        for (int c = 0; c < C; c++) {
+            float xh = (xm[c] - mean[m]) * rstd[m];
+            dx[(size_t)m * C + c] += rstd[m] * (dm[c] * w[c] - mg - xh * mgx);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// pointwise nonlinearities, each saving its input for backward.
+
+// silu(x) = x·σ(x);  d/dx = σ(x)·(1 + x·(1 − σ(x)))
+void silu_forward(float* out, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-x[i]));
+}
+void silu_backward(float* dx, const float* dout, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float s = 1.0f / (1.0f + expf(-x[i]));
+        dx[i] += dout[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+}
+
+// quick_gelu(x) = x·σ(1.702x) (CLIP);  d/dx = σ(1.702x)·(1 + 1.702x·(1 − σ(1.702x)))
+void quick_gelu_forward(float* out, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-1.702f * x[i]));
+}
+void quick_gelu_backward(float* dx, const float* dout, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float s = 1.0f / (1.0f + expf(-1.702f * x[i]));
+        dx[i] += dout[i] * s * (1.0f + 1.702f * x[i] * (1.0f - s));
+    }
+}
+
+// gelu(x) = x·Φ(x) = ½x(1 + erf(x/√2));  d/dx = Φ(x) + x·φ(x)
+static float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+static float gelu_grad(float x) {
+    return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+void gelu_forward(float* out, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = gelu(x[i]);
+}
+void gelu_backward(float* dx, const float* dout, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) dx[i] += dout[i] * gelu_grad(x[i]);
+}
+
+// geglu (diffusers GEGLU): proj[M, 2F] = (value | gate); out[M, F] = value ⊙ gelu(gate).
+void geglu_forward(float* out, const float* proj, int M, int F) {
+    for (int m = 0; m < M; m++) {
+        const float* v = proj + (size_t)m * 2 * F;
+        for (int f = 0; f < F; f++) out[(size_t)m * F + f] = v[f] * gelu(v[F + f]);
+    }
+}
+// dvalue = dout·gelu(gate);  dgate = dout·value·gelu'(gate)
+void geglu_backward(float* dproj, const float* dout, const float* proj, int M, int F) {
+    for (int m = 0; m < M; m++) {
+        const float* v = proj + (size_t)m * 2 * F;
+        float* dv = dproj + (size_t)m * 2 * F;
+        for (int f = 0; f < F; f++) {
+            float d = dout[(size_t)m * F + f];
+            dv[f] += d * gelu(v[F + f]);
+            dv[F + f] += d * v[f] * gelu_grad(v[F + f]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// attention: heads indexed in place in (N, T, NH·HD) rows of stride ldq/ldk/ldv/ldo.
+// out[n, i, h] = Σ_j softmax_j(scale · q_i·k_j) v_j, causal: only j ≤ i.
+// Flash-style on the CPU: blocks of ATT_BQ queries; for each, S = q·kᵀ [BQ, Tk] (one GEMM),
+// row softmax in place, O = P·v (one GEMM). Saves lse[N, NH, Tq] = log Σ_j exp(s_ij) when non-NULL.
+// Memory: one [BQ, Tk] block per thread, never a (Tq, Tk) matrix.
+
+#define ATT_BQ 64
+
+typedef struct AttnArgs {
+    float* out; float* lse;
+    const float* q; const float* k; const float* v;
+    int N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal;
+    float scale;
+    float* bufs;          // [workers][ATT_BQ · Tk]
+    int tasks, workers;   // tasks = N·NH·ceil(Tq/BQ)
+} AttnArgs;
+
+static void attention_task(const AttnArgs* a, int task, float* S) {
+    int nqb = (a->Tq + ATT_BQ - 1) / ATT_BQ;
+    int n = task / (a->NH * nqb), h = (task / nqb) % a->NH, i0 = (task % nqb) * ATT_BQ;
+    int bq = a->Tq - i0 < ATT_BQ ? a->Tq - i0 : ATT_BQ;
+    const float* q = a->q + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * a->HD;
+    const float* k = a->k + (size_t)n * a->Tk * a->ldk + (size_t)h * a->HD;
+    const float* v = a->v + (size_t)n * a->Tk * a->ldv + (size_t)h * a->HD;
+    float* o = a->out + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * a->HD;
+    sgemm(0, 1, bq, a->Tk, a->HD, a->scale, q, a->ldq, k, a->ldk, 0.0f, S, a->Tk);
+    float inv[ATT_BQ];
+    for (int r = 0; r < bq; r++) {
+        float* s = S + (size_t)r * a->Tk;
+        int valid = a->causal ? i0 + r + 1 : a->Tk;
+        if (valid > a->Tk) valid = a->Tk;
+        float mx = -FLT_MAX;
+        for (int j = 0; j < valid; j++) mx = s[j] > mx ? s[j] : mx;
+        float sum = 0;
+        for (int j = 0; j < valid; j++) { s[j] = expf(s[j] - mx); sum += s[j]; }
+        for (int j = valid; j < a->Tk; j++) s[j] = 0.0f;
+        inv[r] = 1.0f / sum;
+        for (int j = 0; j < valid; j++) s[j] *= inv[r];
+        if (a->lse) a->lse[((size_t)n * a->NH + h) * a->Tq + i0 + r] = mx + logf(sum);
+    }
+    sgemm(0, 0, bq, a->HD, a->Tk, 1.0f, S, a->Tk, v, a->ldv, 0.0f, o, a->ldo);
+}
+
+static void attention_worker(void* ctx, int w0, int w1) {
+    const AttnArgs* a = ctx;
+    for (int w = w0; w < w1; w++) {
+        float* S = a->bufs + (size_t)w * ATT_BQ * a->Tk;
+        int per = (a->tasks + a->workers - 1) / a->workers;
+        for (int t = w * per; t < (w + 1) * per && t < a->tasks; t++) attention_task(a, t, S);
+    }
+}
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
+                       int causal, Arena* scratch) {
+    AttnArgs a = {out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal,
+                  1.0f / sqrtf((float)HD), NULL, 0, 0};
+    a.tasks = N * NH * ((Tq + ATT_BQ - 1) / ATT_BQ);
+    a.workers = threads_count() < a.tasks ? threads_count() : a.tasks;
+    size_t mark = arena_mark(scratch);
+    a.bufs = arena_alloc(scratch, (size_t)a.workers * ATT_BQ * Tk);
+    parallel_for(a.workers, attention_worker, &a);
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// small shape ops
+
+// nearest-neighbour resize x[N, C, H, W] → out[N, C, Ho, Wo] as torch's F.interpolate(mode=
+// "nearest"): src = min(floor(dst · (H/Ho)), H − 1), the scale computed in float.
+void upsample_nearest_forward(float* out, const float* x, int N, int C, int H, int W, int Ho, int Wo) {
+    float sy = (float)H / (float)Ho, sx = (float)W / (float)Wo;
+    for (size_t nc = 0; nc < (size_t)N * C; nc++)
+        for (int y = 0; y < Ho; y++) {
+            int iy = (int)floorf((float)y * sy);
+            if (iy > H - 1) iy = H - 1;
+            for (int xo = 0; xo < Wo; xo++) {
+                int ix = (int)floorf((float)xo * sx);
+                if (ix > W - 1) ix = W - 1;
+                out[(nc * Ho + y) * Wo + xo] = x[(nc * H + iy) * W + ix];
+            }
+        }
+}
+// dx[src] += dout[dst] for every dst that read src.
+void upsample_nearest_backward(float* dx, const float* dout, int N, int C, int H, int W, int Ho, int Wo) {
+    float sy = (float)H / (float)Ho, sx = (float)W / (float)Wo;
+    for (size_t nc = 0; nc < (size_t)N * C; nc++)
+        for (int y = 0; y < Ho; y++) {
+            int iy = (int)floorf((float)y * sy);
+            if (iy > H - 1) iy = H - 1;
+            for (int xo = 0; xo < Wo; xo++) {
+                int ix = (int)floorf((float)xo * sx);
+                if (ix > W - 1) ix = W - 1;
+                dx[(nc * H + iy) * W + ix] += dout[(nc * Ho + y) * Wo + xo];
+            }
+        }
+}
+
+// [N, C, HW] ↔ [N, HW, C]
+void nchw_to_nhwc(float* out, const float* x, int N, int C, int HW) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < HW; p++) out[((size_t)n * HW + p) * C + c] = x[((size_t)n * C + c) * HW + p];
+}
+void nhwc_to_nchw(float* out, const float* x, int N, int C, int HW) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < HW; p++) out[((size_t)n * C + c) * HW + p] = x[((size_t)n * HW + p) * C + c];
+}
+
+void add_inplace(float* y, const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+// Sinusoidal timestep embedding (diffusers Timesteps, flip_sin_to_cos, downscale_freq_shift s):
+// f_i = exp(−ln(10000)·i/(half − s)), out = [cos(t·f) | sin(t·f)] (or sin first when not flipped).
+void timestep_embedding(float* out, const float* t, int N, int dim, int flip_sin_to_cos, float shift) {
+    int half = dim / 2;
+    for (int n = 0; n < N; n++) {
+        float* o = out + (size_t)n * dim;
+        for (int i = 0; i < half; i++) {
+            float freq = expf(-logf(10000.0f) * (float)i / ((float)half - shift));
+            float arg = t[n] * freq;
+            o[flip_sin_to_cos ? i : half + i] = cosf(arg);
+            o[flip_sin_to_cos ? half + i : i] = sinf(arg);
+        }
+        if (dim % 2) o[dim - 1] = 0.0f;
+    }
+}

@@ -1,0 +1,1108 @@
+// sd.c: the three networks of Stable Diffusion 1.5 and how they are loaded.
+//
+//   CLIP text encoder  transformers' CLIPTextModel: token + position embeddings, pre-LN layers
+//                      x += attn(LN1(x)) (causal mask only), x += fc2(act(fc1(LN2(x)))), final LN.
+//   UNet               diffusers' UNet2DConditionModel with SD 1.5's block types: sinusoidal time
+//                      embedding + MLP, conv_in, CrossAttnDownBlock2D/DownBlock2D levels,
+//                      UNetMidBlock2DCrossAttn, UpBlock2D/CrossAttnUpBlock2D levels with skip
+//                      concatenation, GroupNorm + SiLU + conv_out.
+//   VAE                diffusers' AutoencoderKL: Encoder → quant_conv → (mean, logvar);
+//                      post_quant_conv → Decoder.
+//
+// Every width, head count, group count, eps and layer count comes from the config.json files
+// (or SD 1.5's defaults for an LDM file without configs). Loading follows the module tree: each
+// xxx_load builds its children's names and requires each tensor with its expected shape, so a
+// tensor name appears once in this file. LDM single files are read through one rename table
+// (diffusers name → LDM name), at the end of this file.
+//
+// Dimension letters: N batch, C channels, H W spatial, HW = H·W, T tokens, D context width,
+// NH heads, HD head size, G groups. Activations are NCHW; token sequences (N, T, C).
+// Left out: dropout (p = 0), attention masks for padding (SD passes none), other UNet variants.
+#include "instastyle.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+// Builds a tensor name into a char array, failing loudly if it does not fit.
+#define NAMEF(buf, ...) CHECK(snprintf(buf, sizeof buf, __VA_ARGS__) < (int)sizeof buf, "tensor name too long")
+
+// ----------------------------------------------------------------------------------------------
+// configs
+
+static void read_config(const char* dir, const char* sub, Json** out) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s/%s", dir, sub,
+             strcmp(sub, "scheduler") == 0 ? "scheduler_config.json" : "config.json");
+    size_t len;
+    char* text = file_read_all(path, &len, (size_t)1 << 20);
+    CHECK(text, "%s", error_last());
+    *out = json_parse(text, len);
+    free(text);
+    CHECK(*out && (*out)->type == JSON_OBJECT, "%s: not a JSON object: %s", path, error_last());
+}
+
+// Reads an integer field that must be present and in [lo, hi].
+static int cfg_int(const Json* j, const char* key, int fallback, int lo, int hi, const char* what) {
+    const Json* v = json_get(j, key);
+    if (!v || v->type == JSON_NULL) return fallback;
+    CHECK(v->type == JSON_NUMBER && v->number == floor(v->number) && v->number >= lo && v->number <= hi,
+          "%s config: '%s' must be an integer in [%d, %d]", what, key, lo, hi);
+    return (int)v->number;
+}
+
+static float cfg_float(const Json* j, const char* key, float fallback, const char* what) {
+    const Json* v = json_get(j, key);
+    if (!v || v->type == JSON_NULL) return fallback;
+    CHECK(v->type == JSON_NUMBER && isfinite(v->number) && v->number >= 0, "%s config: '%s' must be a non-negative number", what, key);
+    return (float)v->number;
+}
+
+// An int list field, or a single int broadcast to n entries. Returns the list length.
+static int cfg_int_list(const Json* j, const char* key, int* out, int n_expected, int lo, int hi, const char* what) {
+    const Json* v = json_get(j, key);
+    CHECK(v && v->type != JSON_NULL, "%s config: missing '%s'", what, key);
+    if (v->type == JSON_NUMBER) {
+        CHECK(n_expected > 0, "%s config: '%s' must be a list", what, key);
+        for (int i = 0; i < n_expected; i++) out[i] = cfg_int(j, key, 0, lo, hi, what);
+        return n_expected;
+    }
+    CHECK(v->type == JSON_ARRAY && v->count >= 1 && v->count <= SD_MAX_LEVELS,
+          "%s config: '%s' must be a list of 1..%d integers", what, key, SD_MAX_LEVELS);
+    for (int i = 0; i < v->count; i++) {
+        const Json* x = &v->items[i];
+        CHECK(x->type == JSON_NUMBER && x->number == floor(x->number) && x->number >= lo && x->number <= hi,
+              "%s config: '%s'[%d] must be an integer in [%d, %d]", what, key, i, lo, hi);
+        out[i] = (int)x->number;
+    }
+    return v->count;
+}
+
+static void clip_config_read(ClipConfig* c, const Json* j) {
+    const char* w = "text_encoder";
+    c->vocab_size = cfg_int(j, "vocab_size", 49408, 1, 1 << 22, w);
+    c->hidden = cfg_int(j, "hidden_size", 768, 1, 1 << 16, w);
+    c->intermediate = cfg_int(j, "intermediate_size", 3072, 1, 1 << 18, w);
+    c->layers = cfg_int(j, "num_hidden_layers", 12, 1, 256, w);
+    c->heads = cfg_int(j, "num_attention_heads", 12, 1, 1024, w);
+    c->max_positions = cfg_int(j, "max_position_embeddings", 77, 1, 4096, w);
+    c->eps = cfg_float(j, "layer_norm_eps", 1e-5f, w);
+    const char* act = json_get_string(j, "hidden_act", "quick_gelu");
+    CHECK(strcmp(act, "quick_gelu") == 0 || strcmp(act, "gelu") == 0,
+          "text_encoder config: hidden_act '%s' not supported (expected quick_gelu or gelu)", act);
+    c->quick_gelu = strcmp(act, "quick_gelu") == 0;
+    CHECK(c->hidden % c->heads == 0, "text_encoder config: hidden_size %d not divisible by %d heads", c->hidden, c->heads);
+}
+
+static int block_has_attn(const char* type, const char* down_or_up) {
+    char plain[32], cross[40];
+    snprintf(plain, sizeof plain, "%sBlock2D", down_or_up);
+    snprintf(cross, sizeof cross, "CrossAttn%sBlock2D", down_or_up);
+    if (strcmp(type, cross) == 0) return 1;
+    CHECK(strcmp(type, plain) == 0, "unet config: block type '%s' is not SD 1.5's (%s or %s)", type, cross, plain);
+    return 0;
+}
+
+static void unet_config_read(UNetConfig* c, const Json* j) {
+    const char* w = "unet";
+    c->in_channels = cfg_int(j, "in_channels", 4, 1, 64, w);
+    c->out_channels = cfg_int(j, "out_channels", 4, 1, 64, w);
+    c->levels = cfg_int_list(j, "block_out_channels", c->block_out, 0, 1, 1 << 14, w);
+    c->layers_per_block = cfg_int(j, "layers_per_block", 2, 1, SD_MAX_LAYERS - 1, w);
+    c->cross_dim = cfg_int(j, "cross_attention_dim", 768, 1, 1 << 16, w);
+    c->groups = cfg_int(j, "norm_num_groups", 32, 1, 1 << 14, w);
+    c->eps = cfg_float(j, "norm_eps", 1e-5f, w);
+    c->transformer_layers = cfg_int(j, "transformer_layers_per_block", 1, 1, 16, w);
+    c->flip_sin_to_cos = (int)json_get_number(j, "flip_sin_to_cos", 1);
+    c->freq_shift = cfg_float(j, "freq_shift", 0, w);
+    const Json* lin = json_get(j, "use_linear_projection");
+    c->use_linear_projection = lin && lin->type == JSON_BOOL && lin->number != 0;
+    // diffusers: num_attention_heads = num_attention_heads or attention_head_dim (a naming quirk:
+    // SD 1.5's attention_head_dim 8 means 8 heads).
+    const Json* nh = json_get(j, "num_attention_heads");
+    cfg_int_list(j, nh && nh->type != JSON_NULL ? "num_attention_heads" : "attention_head_dim",
+                 c->heads, c->levels, 1, 1 << 12, w);
+    const Json* down = json_get(j, "down_block_types");
+    const Json* up = json_get(j, "up_block_types");
+    CHECK(down && down->type == JSON_ARRAY && down->count == c->levels && up && up->type == JSON_ARRAY &&
+          up->count == c->levels, "unet config: down_block_types/up_block_types must list %d blocks", c->levels);
+    for (int i = 0; i < c->levels; i++) {
+        CHECK(down->items[i].type == JSON_STRING && up->items[i].type == JSON_STRING, "unet config: block types must be strings");
+        c->down_attn[i] = block_has_attn(down->items[i].string, "Down");
+        c->up_attn[i] = block_has_attn(up->items[i].string, "Up");
+    }
+    const char* mid = json_get_string(j, "mid_block_type", "UNetMidBlock2DCrossAttn");
+    CHECK(strcmp(mid, "UNetMidBlock2DCrossAttn") == 0, "unet config: mid_block_type '%s' is not SD 1.5's", mid);
+    const char* tet = json_get_string(j, "time_embedding_type", "positional");
+    CHECK(strcmp(tet, "positional") == 0, "unet config: time_embedding_type '%s' not supported", tet);
+    for (int i = 0; i < c->levels; i++) {
+        CHECK(c->block_out[i] % c->groups == 0, "unet config: %d channels not divisible by %d groups", c->block_out[i], c->groups);
+        CHECK(c->block_out[i] % c->heads[i] == 0, "unet config: %d channels not divisible by %d heads", c->block_out[i], c->heads[i]);
+    }
+    c->time_dim = 4 * c->block_out[0];
+}
+
+static void vae_config_read(VaeConfig* c, const Json* j) {
+    const char* w = "vae";
+    c->in_channels = cfg_int(j, "in_channels", 3, 1, 64, w);
+    c->out_channels = cfg_int(j, "out_channels", 3, 1, 64, w);
+    c->latent_channels = cfg_int(j, "latent_channels", 4, 1, 64, w);
+    c->levels = cfg_int_list(j, "block_out_channels", c->block_out, 0, 1, 1 << 14, w);
+    c->layers_per_block = cfg_int(j, "layers_per_block", 2, 1, SD_MAX_LAYERS - 1, w);
+    c->groups = cfg_int(j, "norm_num_groups", 32, 1, 1 << 14, w);
+    c->scaling_factor = cfg_float(j, "scaling_factor", 0.18215f, w);
+    CHECK(c->scaling_factor > 0, "vae config: scaling_factor must be positive");
+    for (int i = 0; i < c->levels; i++)
+        CHECK(c->block_out[i] % c->groups == 0, "vae config: %d channels not divisible by %d groups", c->block_out[i], c->groups);
+}
+
+static void scheduler_config_read(SchedulerConfig* s, const Json* j) {
+    const char* w = "scheduler";
+    s->train_steps = cfg_int(j, "num_train_timesteps", 1000, 2, 100000, w);
+    s->steps_offset = cfg_int(j, "steps_offset", 1, 0, 1000, w);
+    s->set_alpha_to_one = (int)json_get_number(j, "set_alpha_to_one", 0);
+    s->beta_start = cfg_float(j, "beta_start", 0.00085f, w);
+    s->beta_end = cfg_float(j, "beta_end", 0.012f, w);
+    snprintf(s->beta_schedule, sizeof s->beta_schedule, "%s", json_get_string(j, "beta_schedule", "scaled_linear"));
+    snprintf(s->spacing, sizeof s->spacing, "%s", json_get_string(j, "timestep_spacing", "leading"));
+    snprintf(s->prediction, sizeof s->prediction, "%s", json_get_string(j, "prediction_type", "epsilon"));
+    CHECK(strcmp(s->beta_schedule, "scaled_linear") == 0 || strcmp(s->beta_schedule, "linear") == 0,
+          "scheduler config: beta_schedule '%s' not supported (scaled_linear or linear)", s->beta_schedule);
+    CHECK(strcmp(s->spacing, "leading") == 0, "scheduler config: timestep_spacing '%s' not supported (leading)", s->spacing);
+    CHECK(strcmp(s->prediction, "epsilon") == 0, "scheduler config: prediction_type '%s' not supported (epsilon)", s->prediction);
+}
+
+// SD 1.5's configs (runwayml/stable-diffusion-v1-5), for LDM files and the benchmark.
+void sd_default_configs(ClipConfig* c, UNetConfig* u, VaeConfig* v, SchedulerConfig* s) {
+    static const char* clip_json = "{\"vocab_size\":49408,\"hidden_size\":768,\"intermediate_size\":3072,"
+        "\"num_hidden_layers\":12,\"num_attention_heads\":12,\"max_position_embeddings\":77,"
+        "\"layer_norm_eps\":1e-5,\"hidden_act\":\"quick_gelu\"}";
+    static const char* unet_json = "{\"in_channels\":4,\"out_channels\":4,\"block_out_channels\":[320,640,1280,1280],"
+        "\"layers_per_block\":2,\"cross_attention_dim\":768,\"norm_num_groups\":32,\"norm_eps\":1e-5,"
+        "\"attention_head_dim\":8,\"flip_sin_to_cos\":true,\"freq_shift\":0,"
+        "\"down_block_types\":[\"CrossAttnDownBlock2D\",\"CrossAttnDownBlock2D\",\"CrossAttnDownBlock2D\",\"DownBlock2D\"],"
+        "\"up_block_types\":[\"UpBlock2D\",\"CrossAttnUpBlock2D\",\"CrossAttnUpBlock2D\",\"CrossAttnUpBlock2D\"]}";
+    static const char* vae_json = "{\"in_channels\":3,\"out_channels\":3,\"latent_channels\":4,"
+        "\"block_out_channels\":[128,256,512,512],\"layers_per_block\":2,\"norm_num_groups\":32,\"scaling_factor\":0.18215}";
+    Json* j;
+    if (c) { j = json_parse(clip_json, strlen(clip_json)); clip_config_read(c, j); json_free(j); }
+    if (u) { j = json_parse(unet_json, strlen(unet_json)); unet_config_read(u, j); json_free(j); }
+    if (v) { j = json_parse(vae_json, strlen(vae_json)); vae_config_read(v, j); json_free(j); }
+    if (s) { j = json_parse("{}", 2); scheduler_config_read(s, j); json_free(j); }
+}
+
+// ----------------------------------------------------------------------------------------------
+// weight source: a safetensors file read under diffusers names, or through the LDM rename table,
+// or random weights (bench). Every lookup checks the shape.
+
+typedef enum { COMP_TEXT, COMP_UNET, COMP_VAE } Component;
+
+typedef struct Loader {
+    SafeTensors* st;          // NULL: random weights
+    int ldm;
+    Component comp;
+    const UNetConfig* ucfg;   // for LDM UNet/VAE index formulas
+    const VaeConfig* vcfg;
+    Rng* rng;
+    int64_t nparams;
+    float** owned; int nowned, capowned;   // random weights to free
+} Loader;
+
+static void ldm_name(const Loader* L, const char* name, char* out, size_t cap);
+
+// Shapes equal up to trailing 1s (an LDM 1×1 conv [C, C, 1, 1] serves a linear [C, C]).
+static int shape_matches(const StEntry* e, int ndim, const int* dims) {
+    int a = e->ndim, b = ndim;
+    while (a > 0 && e->shape[a - 1] == 1) a--;
+    while (b > 0 && dims[b - 1] == 1) b--;
+    if (a != b) return 0;
+    for (int i = 0; i < a; i++) if (e->shape[i] != dims[i]) return 0;
+    return 1;
+}
+
+static const float* load_tensor(Loader* L, const char* name, int ndim, ...) {
+    int dims[TENSOR_MAX_DIMS];
+    size_t numel = 1;
+    va_list ap;
+    va_start(ap, ndim);
+    for (int i = 0; i < ndim; i++) { dims[i] = va_arg(ap, int); numel *= (size_t)dims[i]; }
+    va_end(ap);
+    L->nparams += (int64_t)numel;
+    if (!L->st) {   // random: N(0, 1/fan_in) for matrices, 1 for norm scales, 0 for biases
+        float* w = xmalloc(numel * sizeof(float));
+        int is_bias = strstr(name, ".bias") != NULL;
+        int is_norm = ndim == 1 && !is_bias;
+        float stdv = ndim > 1 ? 1.0f / sqrtf((float)(numel / (size_t)dims[0])) : 0.0f;
+        if (is_norm) for (size_t i = 0; i < numel; i++) w[i] = 1.0f;
+        else if (is_bias) memset(w, 0, numel * sizeof(float));
+        else { rng_normal(L->rng, w, numel); for (size_t i = 0; i < numel; i++) w[i] *= stdv; }
+        if (L->nowned == L->capowned) {
+            L->capowned = L->capowned ? 2 * L->capowned : 256;
+            L->owned = realloc(L->owned, (size_t)L->capowned * sizeof(float*));
+            CHECK(L->owned, "out of memory");
+        }
+        L->owned[L->nowned++] = w;
+        return w;
+    }
+    char key[512];
+    if (L->ldm) ldm_name(L, name, key, sizeof key);
+    else snprintf(key, sizeof key, "%s", name);
+    StEntry* e = st_find(L->st, key);
+    if (L->ldm && L->comp == COMP_UNET) {   // EMA weights preferred (LitEma drops the dots)
+        char ema[512] = "model_ema.";
+        size_t n = strlen(ema);
+        for (const char* p = key + strlen("model."); *p && n + 1 < sizeof ema; p++) if (*p != '.') ema[n++] = *p;
+        ema[n] = 0;
+        StEntry* e2 = st_find(L->st, ema);
+        if (e2) { if (e) e->used++; e = e2; }
+    }
+    CHECK(e, "%s: missing tensor '%s'%s", L->st->path, key, L->ldm ? "" : " (is this a diffusers folder of SD 1.5?)");
+    CHECK(e->dtype == DT_F32 || e->dtype == DT_F16 || e->dtype == DT_BF16,
+          "%s: tensor '%s' has dtype %s, expected F32, F16 or BF16", L->st->path, key, dtype_name(e->dtype));
+    if (!shape_matches(e, ndim, dims)) {
+        char want[64] = "", got[64] = "";
+        for (int i = 0; i < ndim; i++) snprintf(want + strlen(want), sizeof want - strlen(want), i ? ", %d" : "%d", dims[i]);
+        for (int i = 0; i < e->ndim; i++) snprintf(got + strlen(got), sizeof got - strlen(got), i ? ", %lld" : "%lld", (long long)e->shape[i]);
+        check_fail(__FILE__, __LINE__, "%s: tensor '%s' has shape [%s], the config expects [%s] (wrong config for this file?)",
+                   L->st->path, key, got, want);
+    }
+    e->used++;
+    return st_floats(L->st, e);
+}
+
+static void linear_load(Linear* l, Loader* L, const char* prefix, int in, int out, int bias) {
+    char n[512];
+    l->in = in;
+    l->out = out;
+    NAMEF(n, "%s.weight", prefix);
+    l->w = load_tensor(L, n, 2, out, in);
+    l->b = NULL;
+    if (bias) { NAMEF(n, "%s.bias", prefix); l->b = load_tensor(L, n, 1, out); }
+}
+
+static void conv_load(Conv2d* c, Loader* L, const char* prefix, int in, int out, int k, int stride, int pad_lo, int pad_hi) {
+    char n[512];
+    *c = (Conv2d){NULL, NULL, in, out, k, stride, pad_lo, pad_hi};
+    NAMEF(n, "%s.weight", prefix);
+    c->w = load_tensor(L, n, 4, out, in, k, k);
+    NAMEF(n, "%s.bias", prefix);
+    c->b = load_tensor(L, n, 1, out);
+}
+
+static void norm_load(Norm* nm, Loader* L, const char* prefix, int C, int G, float eps) {
+    char n[512];
+    nm->C = C;
+    nm->G = G;
+    nm->eps = eps;
+    NAMEF(n, "%s.weight", prefix);
+    nm->w = load_tensor(L, n, 1, C);
+    NAMEF(n, "%s.bias", prefix);
+    nm->b = load_tensor(L, n, 1, C);
+}
+
+// ----------------------------------------------------------------------------------------------
+// ResBlock (diffusers ResnetBlock2D): h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb));
+// h = conv2(silu(norm2(h))); out = shortcut(x) + h.
+
+static void resblock_load(ResBlock* rb, Loader* L, const char* prefix, int in, int out, int time_dim, int G, float eps) {
+    char n[512];
+    NAMEF(n, "%s.norm1", prefix); norm_load(&rb->norm1, L, n, in, G, eps);
+    NAMEF(n, "%s.conv1", prefix); conv_load(&rb->conv1, L, n, in, out, 3, 1, 1, 1);
+    rb->has_temb = time_dim > 0;
+    if (rb->has_temb) { NAMEF(n, "%s.time_emb_proj", prefix); linear_load(&rb->time_emb_proj, L, n, time_dim, out, 1); }
+    NAMEF(n, "%s.norm2", prefix); norm_load(&rb->norm2, L, n, out, G, eps);
+    NAMEF(n, "%s.conv2", prefix); conv_load(&rb->conv2, L, n, out, out, 3, 1, 1, 1);
+    rb->has_shortcut = in != out;
+    if (rb->has_shortcut) { NAMEF(n, "%s.conv_shortcut", prefix); conv_load(&rb->conv_shortcut, L, n, in, out, 1, 1, 0, 0); }
+}
+
+// out[N, out, H, W] = ResBlock(x[N, in, H, W], temb_act[N, time_dim] = silu(temb) or NULL)
+static void resblock_forward(const ResBlock* rb, float* out, const float* x, const float* temb_act,
+                             int N, int H, int W, Arena* scratch) {
+    int in = rb->conv1.in, oc = rb->conv1.out, HW = H * W;
+    size_t mark = arena_mark(scratch);
+    float* a = arena_alloc(scratch, (size_t)N * (in > oc ? in : oc) * HW);
+    float* h = arena_alloc(scratch, (size_t)N * oc * HW);
+    groupnorm_forward(a, NULL, NULL, x, rb->norm1.w, rb->norm1.b, N, in, HW, rb->norm1.G, rb->norm1.eps, 1);
+    conv2d_forward(h, a, rb->conv1.w, rb->conv1.b, N, in, H, W, oc, 3, 1, 1, 1, scratch);
+    if (rb->has_temb) {
+        float* tp = arena_alloc(scratch, (size_t)N * oc);
+        linear_forward(tp, temb_act, rb->time_emb_proj.w, rb->time_emb_proj.b, N, rb->time_emb_proj.in, oc);
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < oc; c++) {
+                float* hc = h + ((size_t)n * oc + c) * HW;
+                for (int p = 0; p < HW; p++) hc[p] += tp[n * oc + c];
+            }
+    }
+    groupnorm_forward(a, NULL, NULL, h, rb->norm2.w, rb->norm2.b, N, oc, HW, rb->norm2.G, rb->norm2.eps, 1);
+    conv2d_forward(out, a, rb->conv2.w, rb->conv2.b, N, oc, H, W, oc, 3, 1, 1, 1, scratch);
+    if (rb->has_shortcut) {
+        conv2d_forward(h, x, rb->conv_shortcut.w, rb->conv_shortcut.b, N, in, H, W, oc, 1, 1, 0, 0, scratch);
+        add_inplace(out, h, (size_t)N * oc * HW);
+    } else {
+        add_inplace(out, x, (size_t)N * oc * HW);
+    }
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Attention (diffusers Attention with AttnProcessor): q = to_q(x), k = to_k(ctx), v = to_v(ctx),
+// out = to_out(softmax(q·kᵀ/√HD)·v) per head. LoRA side paths add to k and v (lora.c).
+
+static void attention_load(Attention* a, Loader* L, const char* prefix, int C, int D, int heads) {
+    char n[512];
+    a->heads = heads;
+    a->head_dim = C / heads;
+    NAMEF(n, "%s.to_q", prefix); linear_load(&a->to_q, L, n, C, C, 0);
+    NAMEF(n, "%s.to_k", prefix); linear_load(&a->to_k, L, n, D, C, 0);
+    NAMEF(n, "%s.to_v", prefix); linear_load(&a->to_v, L, n, D, C, 0);
+    NAMEF(n, "%s.to_out.0", prefix); linear_load(&a->to_out, L, n, C, C, 1);
+    a->lora_k = a->lora_v = NULL;
+}
+
+// out[N·Tq, C] = Attention(x[N·Tq, C], ctx[N·Tk, D])
+static void attn_forward(const Attention* a, float* out, const float* x, const float* ctx,
+                         int N, int Tq, int Tk, Arena* scratch) {
+    int C = a->to_q.out, D = a->to_k.in;
+    size_t mark = arena_mark(scratch);
+    float* q = arena_alloc(scratch, (size_t)N * Tq * C);
+    float* k = arena_alloc(scratch, (size_t)N * Tk * C);
+    float* v = arena_alloc(scratch, (size_t)N * Tk * C);
+    float* o = arena_alloc(scratch, (size_t)N * Tq * C);
+    linear_forward(q, x, a->to_q.w, NULL, N * Tq, C, C);
+    linear_forward(k, ctx, a->to_k.w, NULL, N * Tk, D, C);
+    linear_forward(v, ctx, a->to_v.w, NULL, N * Tk, D, C);
+    if (a->lora_k) lora_forward(a->lora_k, k, ctx, N * Tk, scratch);
+    if (a->lora_v) lora_forward(a->lora_v, v, ctx, N * Tk, scratch);
+    attention_forward(o, NULL, q, k, v, N, Tq, Tk, a->heads, a->head_dim, C, C, C, C, 0, scratch);
+    linear_forward(out, o, a->to_out.w, a->to_out.b, N * Tq, C, C);
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Transformer2D (diffusers Transformer2DModel, one or more BasicTransformerBlocks):
+// h = proj_in(GroupNorm(x)) as tokens (N, HW, C); per block: h += attn1(LN1(h));
+// h += attn2(LN2(h), ctx); h += ff_out(GEGLU(ff_proj(LN3(h)))); out = x + proj_out(h).
+
+static void transformer_load(Transformer2D* t, Loader* L, const char* prefix, int C, int heads, const UNetConfig* cfg) {
+    char n[512];
+    t->C = C;
+    t->nblocks = cfg->transformer_layers;
+    t->blocks = xcalloc((size_t)t->nblocks, sizeof(TransformerBlock));
+    NAMEF(n, "%s.norm", prefix); norm_load(&t->norm, L, n, C, cfg->groups, 1e-6f);
+    NAMEF(n, "%s.proj_in", prefix); linear_load(&t->proj_in, L, n, C, C, 1);
+    for (int b = 0; b < t->nblocks; b++) {
+        TransformerBlock* tb = &t->blocks[b];
+        int F = 4 * C;
+        NAMEF(n, "%s.transformer_blocks.%d.norm1", prefix, b); norm_load(&tb->norm1, L, n, C, 0, 1e-5f);
+        NAMEF(n, "%s.transformer_blocks.%d.attn1", prefix, b); attention_load(&tb->attn1, L, n, C, C, heads);
+        NAMEF(n, "%s.transformer_blocks.%d.norm2", prefix, b); norm_load(&tb->norm2, L, n, C, 0, 1e-5f);
+        NAMEF(n, "%s.transformer_blocks.%d.attn2", prefix, b); attention_load(&tb->attn2, L, n, C, cfg->cross_dim, heads);
+        NAMEF(n, "%s.transformer_blocks.%d.norm3", prefix, b); norm_load(&tb->norm3, L, n, C, 0, 1e-5f);
+        NAMEF(n, "%s.transformer_blocks.%d.ff.net.0.proj", prefix, b); linear_load(&tb->ff_proj, L, n, C, 2 * F, 1);
+        NAMEF(n, "%s.transformer_blocks.%d.ff.net.2", prefix, b); linear_load(&tb->ff_out, L, n, F, C, 1);
+    }
+    NAMEF(n, "%s.proj_out", prefix); linear_load(&t->proj_out, L, n, C, C, 1);
+}
+
+// h[M = N·T, C] updated in place by one BasicTransformerBlock; ctx [N·Tc, D].
+static void transformer_block_forward(const TransformerBlock* tb, float* h, const float* ctx,
+                                      int N, int T, int Tc, Arena* scratch) {
+    int C = tb->norm1.C, F = tb->ff_out.in;
+    size_t M = (size_t)N * T, mark = arena_mark(scratch);
+    float* nrm = arena_alloc(scratch, M * C);
+    float* tmp = arena_alloc(scratch, M * C);
+    layernorm_forward(nrm, NULL, NULL, h, tb->norm1.w, tb->norm1.b, (int)M, C, tb->norm1.eps);
+    attn_forward(&tb->attn1, tmp, nrm, nrm, N, T, T, scratch);
+    add_inplace(h, tmp, M * C);
+    layernorm_forward(nrm, NULL, NULL, h, tb->norm2.w, tb->norm2.b, (int)M, C, tb->norm2.eps);
+    attn_forward(&tb->attn2, tmp, nrm, ctx, N, T, Tc, scratch);
+    add_inplace(h, tmp, M * C);
+    layernorm_forward(nrm, NULL, NULL, h, tb->norm3.w, tb->norm3.b, (int)M, C, tb->norm3.eps);
+    float* proj = arena_alloc(scratch, M * 2 * F);
+    float* gated = arena_alloc(scratch, M * F);
+    linear_forward(proj, nrm, tb->ff_proj.w, tb->ff_proj.b, (int)M, C, 2 * F);
+    geglu_forward(gated, proj, (int)M, F);
+    linear_forward(tmp, gated, tb->ff_out.w, tb->ff_out.b, (int)M, F, C);
+    add_inplace(h, tmp, M * C);
+    arena_reset(scratch, mark);
+}
+
+// out[N, C, H, W] = Transformer2D(x[N, C, H, W], ctx[N, Tc, D])
+static void transformer_forward(const Transformer2D* t, float* out, const float* x, const float* ctx,
+                                int N, int H, int W, int Tc, Arena* scratch) {
+    int C = t->C, HW = H * W;
+    size_t M = (size_t)N * HW, mark = arena_mark(scratch);
+    float* a = arena_alloc(scratch, M * C);
+    float* tok = arena_alloc(scratch, M * C);
+    float* h = arena_alloc(scratch, M * C);
+    groupnorm_forward(a, NULL, NULL, x, t->norm.w, t->norm.b, N, C, HW, t->norm.G, t->norm.eps, 0);
+    nchw_to_nhwc(tok, a, N, C, HW);
+    linear_forward(h, tok, t->proj_in.w, t->proj_in.b, (int)M, C, C);
+    for (int b = 0; b < t->nblocks; b++) transformer_block_forward(&t->blocks[b], h, ctx, N, HW, Tc, scratch);
+    linear_forward(tok, h, t->proj_out.w, t->proj_out.b, (int)M, C, C);
+    nhwc_to_nchw(a, tok, N, C, HW);
+    for (size_t i = 0; i < M * C; i++) out[i] = x[i] + a[i];   // out may alias x
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// UNet
+
+int unet_down_size(int n) { return (n + 2 - 3) / 2 + 1; }
+
+static void unet_load(UNet* u, Loader* L) {
+    const UNetConfig* c = &u->cfg;
+    int C0 = c->block_out[0], lpb = c->layers_per_block, td = c->time_dim;
+    char n[512], p[512];
+    linear_load(&u->time_lin1, L, "time_embedding.linear_1", C0, td, 1);
+    linear_load(&u->time_lin2, L, "time_embedding.linear_2", td, td, 1);
+    conv_load(&u->conv_in, L, "conv_in", c->in_channels, C0, 3, 1, 1, 1);
+    for (int i = 0; i < c->levels; i++) {      // down: resnets (+ transformers), downsampler
+        Level* lv = &u->down[i];
+        lv->in = i ? c->block_out[i - 1] : C0;
+        lv->out = c->block_out[i];
+        lv->nres = lpb;
+        lv->has_attn = c->down_attn[i];
+        lv->has_sampler = i < c->levels - 1;
+        for (int j = 0; j < lpb; j++) {
+            NAMEF(p, "down_blocks.%d.resnets.%d", i, j);
+            resblock_load(&lv->res[j], L, p, j ? lv->out : lv->in, lv->out, td, c->groups, c->eps);
+            if (lv->has_attn) {
+                NAMEF(p, "down_blocks.%d.attentions.%d", i, j);
+                transformer_load(&lv->attn[j], L, p, lv->out, c->heads[i], c);
+            }
+        }
+        if (lv->has_sampler) {
+            NAMEF(n, "down_blocks.%d.downsamplers.0.conv", i);
+            conv_load(&lv->sampler, L, n, lv->out, lv->out, 3, 2, 1, 1);
+        }
+    }
+    int top = c->block_out[c->levels - 1];
+    u->mid = (Level){.nres = 2, .has_attn = 1, .in = top, .out = top};
+    resblock_load(&u->mid.res[0], L, "mid_block.resnets.0", top, top, td, c->groups, c->eps);
+    transformer_load(&u->mid.attn[0], L, "mid_block.attentions.0", top, c->heads[c->levels - 1], c);
+    resblock_load(&u->mid.res[1], L, "mid_block.resnets.1", top, top, td, c->groups, c->eps);
+    for (int i = 0; i < c->levels; i++) {      // up: lpb+1 resnets on [h, skip] (+ transformers), upsampler
+        Level* lv = &u->up[i];
+        int r = c->levels - 1 - i;             // the down level this one mirrors
+        int prev_out = i ? c->block_out[r + 1] : top;
+        int skip_in = c->block_out[r > 0 ? r - 1 : 0];
+        lv->in = prev_out;
+        lv->out = c->block_out[r];
+        lv->nres = lpb + 1;
+        lv->has_attn = c->up_attn[i];
+        lv->has_sampler = i < c->levels - 1;
+        for (int j = 0; j < lv->nres; j++) {
+            int res_skip = j == lv->nres - 1 ? skip_in : lv->out;
+            int res_in = j ? lv->out : prev_out;
+            NAMEF(p, "up_blocks.%d.resnets.%d", i, j);
+            resblock_load(&lv->res[j], L, p, res_in + res_skip, lv->out, td, c->groups, c->eps);
+            if (lv->has_attn) {
+                NAMEF(p, "up_blocks.%d.attentions.%d", i, j);
+                transformer_load(&lv->attn[j], L, p, lv->out, c->heads[r], c);
+            }
+        }
+        if (lv->has_sampler) {
+            NAMEF(n, "up_blocks.%d.upsamplers.0.conv", i);
+            conv_load(&lv->sampler, L, n, lv->out, lv->out, 3, 1, 1, 1);
+        }
+    }
+    norm_load(&u->norm_out, L, "conv_norm_out", C0, c->groups, c->eps);
+    conv_load(&u->conv_out, L, "conv_out", C0, c->out_channels, 3, 1, 1, 1);
+}
+
+static void unet_free(UNet* u) {
+    for (int i = 0; i < SD_MAX_LEVELS; i++)
+        for (int j = 0; j < SD_MAX_LAYERS; j++) { free(u->down[i].attn[j].blocks); free(u->up[i].attn[j].blocks); }
+    free(u->mid.attn[0].blocks);
+}
+
+static void tap(const UNet* u, const char* name, const float* x, int N, int C, int H, int W) {
+    if (u->tap) u->tap(u->tap_ctx, name, x, N, C, H, W);
+}
+
+// A skip tensor saved on the way down: [N, C, H, W].
+typedef struct Skip { float* x; int C, H, W; } Skip;
+
+// The down path: fills skips (conv_in output, then every resnet/transformer output and every
+// downsampler output), returns the final hidden state in *h with its size.
+static int unet_down(const UNet* u, Skip* skips, float** h, int* H, int* W, const float* temb_act,
+                     const float* ctx, int N, int Tc, Arena* scratch) {
+    int ns = 0;
+    skips[ns++] = (Skip){*h, u->cfg.block_out[0], *H, *W};
+    for (int i = 0; i < u->cfg.levels; i++) {
+        const Level* lv = &u->down[i];
+        for (int j = 0; j < lv->nres; j++) {
+            float* o = arena_alloc(scratch, (size_t)N * lv->out * *H * *W);
+            resblock_forward(&lv->res[j], o, *h, temb_act, N, *H, *W, scratch);
+            if (lv->has_attn) transformer_forward(&lv->attn[j], o, o, ctx, N, *H, *W, Tc, scratch);
+            *h = o;
+            skips[ns++] = (Skip){o, lv->out, *H, *W};
+        }
+        if (lv->has_sampler) {
+            int Ho = unet_down_size(*H), Wo = unet_down_size(*W);
+            float* o = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
+            conv2d_forward(o, *h, lv->sampler.w, lv->sampler.b, N, lv->out, *H, *W, lv->out, 3, 2, 1, 1, scratch);
+            *h = o; *H = Ho; *W = Wo;
+            skips[ns++] = (Skip){o, lv->out, *H, *W};
+        }
+        char name[32];
+        snprintf(name, sizeof name, "down_blocks.%d", i);
+        tap(u, name, *h, N, lv->out, *H, *W);
+    }
+    return ns;
+}
+
+// cat[N, C1 + C2, HW] = [a[N, C1, HW], b[N, C2, HW]] along channels
+static void concat_channels(float* cat, const float* a, const float* b, int N, int C1, int C2, int HW) {
+    for (int n = 0; n < N; n++) {
+        memcpy(cat + (size_t)n * (C1 + C2) * HW, a + (size_t)n * C1 * HW, (size_t)C1 * HW * sizeof(float));
+        memcpy(cat + ((size_t)n * (C1 + C2) + C1) * HW, b + (size_t)n * C2 * HW, (size_t)C2 * HW * sizeof(float));
+    }
+}
+
+void unet_forward(const UNet* u, float* eps, const float* x, const float* t, const float* context,
+                  int N, int H, int W, int Tc, Arena* scratch) {
+    const UNetConfig* c = &u->cfg;
+    int C0 = c->block_out[0], td = c->time_dim, H0 = H, W0 = W;
+    size_t mark = arena_mark(scratch);
+    // time embedding: sinusoidal → linear_1 → SiLU → linear_2; resnets use silu(temb)
+    float* tproj = arena_alloc(scratch, (size_t)N * C0);
+    float* t1 = arena_alloc(scratch, (size_t)N * td);
+    float* temb = arena_alloc(scratch, (size_t)N * td);
+    timestep_embedding(tproj, t, N, C0, c->flip_sin_to_cos, c->freq_shift);
+    tap(u, "time_proj", tproj, N, C0, 1, 1);
+    linear_forward(t1, tproj, u->time_lin1.w, u->time_lin1.b, N, C0, td);
+    silu_forward(t1, t1, (size_t)N * td);
+    linear_forward(temb, t1, u->time_lin2.w, u->time_lin2.b, N, td, td);
+    tap(u, "time_emb", temb, N, td, 1, 1);
+    silu_forward(t1, temb, (size_t)N * td);
+    const float* temb_act = t1;
+
+    float* h = arena_alloc(scratch, (size_t)N * C0 * H * W);
+    conv2d_forward(h, x, u->conv_in.w, u->conv_in.b, N, c->in_channels, H, W, C0, 3, 1, 1, 1, scratch);
+    tap(u, "conv_in", h, N, C0, H, W);
+    Skip skips[SD_MAX_LEVELS * (SD_MAX_LAYERS + 1) + 1];
+    int ns = unet_down(u, skips, &h, &H, &W, temb_act, context, N, Tc, scratch);
+
+    int top = u->mid.out;
+    float* m = arena_alloc(scratch, (size_t)N * top * H * W);
+    resblock_forward(&u->mid.res[0], m, h, temb_act, N, H, W, scratch);
+    transformer_forward(&u->mid.attn[0], m, m, context, N, H, W, Tc, scratch);
+    h = arena_alloc(scratch, (size_t)N * top * H * W);
+    resblock_forward(&u->mid.res[1], h, m, temb_act, N, H, W, scratch);
+    tap(u, "mid_block", h, N, top, H, W);
+
+    int Ch = top;
+    for (int i = 0; i < c->levels; i++) {
+        const Level* lv = &u->up[i];
+        for (int j = 0; j < lv->nres; j++) {
+            Skip s = skips[--ns];
+            float* cat = arena_alloc(scratch, (size_t)N * (Ch + s.C) * H * W);
+            concat_channels(cat, h, s.x, N, Ch, s.C, H * W);
+            float* o = arena_alloc(scratch, (size_t)N * lv->out * H * W);
+            resblock_forward(&lv->res[j], o, cat, temb_act, N, H, W, scratch);
+            if (lv->has_attn) transformer_forward(&lv->attn[j], o, o, context, N, H, W, Tc, scratch);
+            h = o;
+            Ch = lv->out;
+        }
+        if (lv->has_sampler) {   // nearest up-sampling to the next skip's size, then conv 3×3
+            int Ho = skips[ns - 1].H, Wo = skips[ns - 1].W;
+            float* up = arena_alloc(scratch, (size_t)N * Ch * Ho * Wo);
+            upsample_nearest_forward(up, h, N, Ch, H, W, Ho, Wo);
+            H = Ho; W = Wo;
+            h = arena_alloc(scratch, (size_t)N * Ch * H * W);
+            conv2d_forward(h, up, lv->sampler.w, lv->sampler.b, N, Ch, H, W, Ch, 3, 1, 1, 1, scratch);
+        }
+        char name[32];
+        snprintf(name, sizeof name, "up_blocks.%d", i);
+        tap(u, name, h, N, Ch, H, W);
+    }
+    CHECK(H == H0 && W == W0 && ns == 0, "internal: UNet up path ended at %dx%d", H, W);
+    float* a = arena_alloc(scratch, (size_t)N * C0 * H * W);
+    groupnorm_forward(a, NULL, NULL, h, u->norm_out.w, u->norm_out.b, N, C0, H * W, u->norm_out.G, u->norm_out.eps, 1);
+    conv2d_forward(eps, a, u->conv_out.w, u->conv_out.b, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// VAE (diffusers AutoencoderKL; all GroupNorms eps 1e-6)
+
+#define VAE_EPS 1e-6f
+
+int vae_down_factor(const Vae* v) { return 1 << (v->cfg.levels - 1); }
+
+static void vae_attention_load(VaeAttention* a, Loader* L, const char* prefix, int C, int G) {
+    char n[512];
+    NAMEF(n, "%s.group_norm", prefix); norm_load(&a->group_norm, L, n, C, G, VAE_EPS);
+    NAMEF(n, "%s.to_q", prefix); linear_load(&a->to_q, L, n, C, C, 1);
+    NAMEF(n, "%s.to_k", prefix); linear_load(&a->to_k, L, n, C, C, 1);
+    NAMEF(n, "%s.to_v", prefix); linear_load(&a->to_v, L, n, C, C, 1);
+    NAMEF(n, "%s.to_out.0", prefix); linear_load(&a->to_out, L, n, C, C, 1);
+}
+
+// x[N, C, H, W] += to_out(attention(q, k, v)) over all HW pixels with one head of width C.
+static void vae_attention_forward(const VaeAttention* a, float* x, int N, int H, int W, Arena* scratch) {
+    int C = a->group_norm.C, HW = H * W;
+    size_t M = (size_t)N * HW, mark = arena_mark(scratch);
+    float* g = arena_alloc(scratch, M * C);
+    float* tok = arena_alloc(scratch, M * C);
+    float* q = arena_alloc(scratch, M * C);
+    float* k = arena_alloc(scratch, M * C);
+    float* v = arena_alloc(scratch, M * C);
+    groupnorm_forward(g, NULL, NULL, x, a->group_norm.w, a->group_norm.b, N, C, HW, a->group_norm.G, a->group_norm.eps, 0);
+    nchw_to_nhwc(tok, g, N, C, HW);
+    linear_forward(q, tok, a->to_q.w, a->to_q.b, (int)M, C, C);
+    linear_forward(k, tok, a->to_k.w, a->to_k.b, (int)M, C, C);
+    linear_forward(v, tok, a->to_v.w, a->to_v.b, (int)M, C, C);
+    attention_forward(g, NULL, q, k, v, N, HW, HW, 1, C, C, C, C, C, 0, scratch);
+    linear_forward(tok, g, a->to_out.w, a->to_out.b, (int)M, C, C);
+    nhwc_to_nchw(g, tok, N, C, HW);
+    add_inplace(x, g, M * C);
+    arena_reset(scratch, mark);
+}
+
+static void vae_mid_load(ResBlock* res, VaeAttention* attn, Loader* L, const char* prefix, int C, int G) {
+    char n[512];
+    NAMEF(n, "%s.mid_block.resnets.0", prefix); resblock_load(&res[0], L, n, C, C, 0, G, VAE_EPS);
+    NAMEF(n, "%s.mid_block.attentions.0", prefix); vae_attention_load(attn, L, n, C, G);
+    NAMEF(n, "%s.mid_block.resnets.1", prefix); resblock_load(&res[1], L, n, C, C, 0, G, VAE_EPS);
+}
+
+// x[N, C, H, W] → out: resnet, attention, resnet
+static void vae_mid_forward(const ResBlock* res, const VaeAttention* attn, float* out, const float* x,
+                            int N, int H, int W, Arena* scratch) {
+    int C = res[0].conv1.in;
+    size_t mark = arena_mark(scratch);
+    float* t = arena_alloc(scratch, (size_t)N * C * H * W);
+    resblock_forward(&res[0], t, x, NULL, N, H, W, scratch);
+    vae_attention_forward(attn, t, N, H, W, scratch);
+    resblock_forward(&res[1], out, t, NULL, N, H, W, scratch);
+    arena_reset(scratch, mark);
+}
+
+static void vae_load(Vae* v, Loader* L) {
+    const VaeConfig* c = &v->cfg;
+    int G = c->groups, lpb = c->layers_per_block, top = c->block_out[c->levels - 1], Lc = c->latent_channels;
+    char p[512];
+    conv_load(&v->enc_conv_in, L, "encoder.conv_in", c->in_channels, c->block_out[0], 3, 1, 1, 1);
+    for (int i = 0; i < c->levels; i++) {
+        Level* lv = &v->enc_down[i];
+        lv->in = i ? c->block_out[i - 1] : c->block_out[0];
+        lv->out = c->block_out[i];
+        lv->nres = lpb;
+        lv->has_sampler = i < c->levels - 1;
+        for (int j = 0; j < lpb; j++) {
+            NAMEF(p, "encoder.down_blocks.%d.resnets.%d", i, j);
+            resblock_load(&lv->res[j], L, p, j ? lv->out : lv->in, lv->out, 0, G, VAE_EPS);
+        }
+        if (lv->has_sampler) {   // pad (right 1, bottom 1), then a stride-2 conv without padding
+            NAMEF(p, "encoder.down_blocks.%d.downsamplers.0.conv", i);
+            conv_load(&lv->sampler, L, p, lv->out, lv->out, 3, 2, 0, 1);
+        }
+    }
+    vae_mid_load(v->enc_mid_res, &v->enc_mid_attn, L, "encoder", top, G);
+    norm_load(&v->enc_norm_out, L, "encoder.conv_norm_out", top, G, VAE_EPS);
+    conv_load(&v->enc_conv_out, L, "encoder.conv_out", top, 2 * Lc, 3, 1, 1, 1);
+    conv_load(&v->quant_conv, L, "quant_conv", 2 * Lc, 2 * Lc, 1, 1, 0, 0);
+    conv_load(&v->post_quant_conv, L, "post_quant_conv", Lc, Lc, 1, 1, 0, 0);
+    conv_load(&v->dec_conv_in, L, "decoder.conv_in", Lc, top, 3, 1, 1, 1);
+    vae_mid_load(v->dec_mid_res, &v->dec_mid_attn, L, "decoder", top, G);
+    for (int i = 0; i < c->levels; i++) {
+        Level* lv = &v->dec_up[i];
+        lv->in = i ? c->block_out[c->levels - i] : top;
+        lv->out = c->block_out[c->levels - 1 - i];
+        lv->nres = lpb + 1;
+        lv->has_sampler = i < c->levels - 1;
+        for (int j = 0; j < lv->nres; j++) {
+            NAMEF(p, "decoder.up_blocks.%d.resnets.%d", i, j);
+            resblock_load(&lv->res[j], L, p, j ? lv->out : lv->in, lv->out, 0, G, VAE_EPS);
+        }
+        if (lv->has_sampler) {
+            NAMEF(p, "decoder.up_blocks.%d.upsamplers.0.conv", i);
+            conv_load(&lv->sampler, L, p, lv->out, lv->out, 3, 1, 1, 1);
+        }
+    }
+    norm_load(&v->dec_norm_out, L, "decoder.conv_norm_out", c->block_out[0], G, VAE_EPS);
+    conv_load(&v->dec_conv_out, L, "decoder.conv_out", c->block_out[0], c->out_channels, 3, 1, 1, 1);
+}
+
+// Runs the resnets of one level in place of *h (ping-pong buffers of the level's max size).
+static float* level_resnets(const Level* lv, float* h, int N, int H, int W, Arena* scratch) {
+    for (int j = 0; j < lv->nres; j++) {
+        float* o = arena_alloc(scratch, (size_t)N * lv->out * H * W);
+        resblock_forward(&lv->res[j], o, h, NULL, N, H, W, scratch);
+        h = o;
+    }
+    return h;
+}
+
+void vae_encode(const Vae* v, float* mean, float* logvar, const float* image, int N, int H, int W, Arena* scratch) {
+    const VaeConfig* c = &v->cfg;
+    int Lc = c->latent_channels, top = c->block_out[c->levels - 1];
+    size_t mark = arena_mark(scratch);
+    float* h = arena_alloc(scratch, (size_t)N * c->block_out[0] * H * W);
+    conv2d_forward(h, image, v->enc_conv_in.w, v->enc_conv_in.b, N, c->in_channels, H, W, c->block_out[0], 3, 1, 1, 1, scratch);
+    for (int i = 0; i < c->levels; i++) {
+        const Level* lv = &v->enc_down[i];
+        size_t lmark = arena_mark(scratch);
+        float* o = level_resnets(lv, h, N, H, W, scratch);
+        if (lv->has_sampler) {
+            int Ho = (H + 1 - 3) / 2 + 1, Wo = (W + 1 - 3) / 2 + 1;
+            CHECK(Ho >= 1 && Wo >= 1, "vae_encode: image too small for %d down-samplings", c->levels - 1);
+            float* d = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
+            conv2d_forward(d, o, lv->sampler.w, lv->sampler.b, N, lv->out, H, W, lv->out, 3, 2, 0, 1, scratch);
+            o = d; H = Ho; W = Wo;
+        }
+        // keep only the level's output: copy it to the level's start (h may alias earlier data)
+        float* keep = arena_alloc(scratch, (size_t)N * lv->out * H * W);
+        memcpy(keep, o, (size_t)N * lv->out * H * W * sizeof(float));
+        (void)lmark;
+        h = keep;
+    }
+    float* m = arena_alloc(scratch, (size_t)N * top * H * W);
+    vae_mid_forward(v->enc_mid_res, &v->enc_mid_attn, m, h, N, H, W, scratch);
+    groupnorm_forward(m, NULL, NULL, m, v->enc_norm_out.w, v->enc_norm_out.b, N, top, H * W, v->enc_norm_out.G, v->enc_norm_out.eps, 1);
+    float* moments = arena_alloc(scratch, (size_t)N * 2 * Lc * H * W);
+    float* q = arena_alloc(scratch, (size_t)N * 2 * Lc * H * W);
+    conv2d_forward(moments, m, v->enc_conv_out.w, v->enc_conv_out.b, N, top, H, W, 2 * Lc, 3, 1, 1, 1, scratch);
+    conv2d_forward(q, moments, v->quant_conv.w, v->quant_conv.b, N, 2 * Lc, H, W, 2 * Lc, 1, 1, 0, 0, scratch);
+    size_t hw = (size_t)H * W;
+    for (int n = 0; n < N; n++) {   // moments = (mean | logvar) along channels; logvar clamped to [-30, 20]
+        memcpy(mean + (size_t)n * Lc * hw, q + (size_t)n * 2 * Lc * hw, Lc * hw * sizeof(float));
+        const float* lv = q + ((size_t)n * 2 * Lc + Lc) * hw;
+        for (size_t i = 0; i < Lc * hw; i++) {
+            float x = lv[i] < -30.0f ? -30.0f : lv[i] > 20.0f ? 20.0f : lv[i];
+            if (logvar) logvar[(size_t)n * Lc * hw + i] = x;
+        }
+    }
+    arena_reset(scratch, mark);
+}
+
+void vae_decode(const Vae* v, float* image, const float* latent, int N, int h, int w, Arena* scratch) {
+    const VaeConfig* c = &v->cfg;
+    int Lc = c->latent_channels, top = c->block_out[c->levels - 1], H = h, W = w;
+    size_t mark = arena_mark(scratch);
+    float* z = arena_alloc(scratch, (size_t)N * Lc * H * W);
+    for (size_t i = 0; i < (size_t)N * Lc * H * W; i++) z[i] = latent[i] / c->scaling_factor;
+    float* zq = arena_alloc(scratch, (size_t)N * Lc * H * W);
+    conv2d_forward(zq, z, v->post_quant_conv.w, v->post_quant_conv.b, N, Lc, H, W, Lc, 1, 1, 0, 0, scratch);
+    float* x = arena_alloc(scratch, (size_t)N * top * H * W);
+    conv2d_forward(x, zq, v->dec_conv_in.w, v->dec_conv_in.b, N, Lc, H, W, top, 3, 1, 1, 1, scratch);
+    float* hcur = arena_alloc(scratch, (size_t)N * top * H * W);
+    vae_mid_forward(v->dec_mid_res, &v->dec_mid_attn, hcur, x, N, H, W, scratch);
+    for (int i = 0; i < c->levels; i++) {
+        const Level* lv = &v->dec_up[i];
+        size_t lmark = arena_mark(scratch);
+        float* o = level_resnets(lv, hcur, N, H, W, scratch);
+        int Ho = lv->has_sampler ? 2 * H : H, Wo = lv->has_sampler ? 2 * W : W;
+        if (lv->has_sampler) {
+            float* up = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
+            upsample_nearest_forward(up, o, N, lv->out, H, W, Ho, Wo);
+            float* d = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
+            conv2d_forward(d, up, lv->sampler.w, lv->sampler.b, N, lv->out, Ho, Wo, lv->out, 3, 1, 1, 1, scratch);
+            o = d;
+        }
+        // Move the level's output down to lmark so the level's temporaries are freed.
+        size_t n = (size_t)N * lv->out * Ho * Wo;
+        float* keep = arena_alloc(scratch, n);
+        memcpy(keep, o, n * sizeof(float));
+        (void)lmark;
+        hcur = keep; H = Ho; W = Wo;
+    }
+    int C0 = c->block_out[0];
+    groupnorm_forward(hcur, NULL, NULL, hcur, v->dec_norm_out.w, v->dec_norm_out.b, N, C0, H * W, v->dec_norm_out.G, v->dec_norm_out.eps, 1);
+    conv2d_forward(image, hcur, v->dec_conv_out.w, v->dec_conv_out.b, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// CLIP text encoder
+
+static void clip_load(ClipTextModel* m, Loader* L) {
+    const ClipConfig* c = &m->cfg;
+    int Hd = c->hidden, I = c->intermediate;
+    char p[512];
+    m->token_embedding = load_tensor(L, "text_model.embeddings.token_embedding.weight", 2, c->vocab_size, Hd);
+    m->position_embedding = load_tensor(L, "text_model.embeddings.position_embedding.weight", 2, c->max_positions, Hd);
+    m->layers = xcalloc((size_t)c->layers, sizeof(ClipLayer));
+    for (int l = 0; l < c->layers; l++) {
+        ClipLayer* y = &m->layers[l];
+        NAMEF(p, "text_model.encoder.layers.%d.layer_norm1", l); norm_load(&y->ln1, L, p, Hd, 0, c->eps);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.q_proj", l); linear_load(&y->q, L, p, Hd, Hd, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.k_proj", l); linear_load(&y->k, L, p, Hd, Hd, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.v_proj", l); linear_load(&y->v, L, p, Hd, Hd, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.out_proj", l); linear_load(&y->o, L, p, Hd, Hd, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.layer_norm2", l); norm_load(&y->ln2, L, p, Hd, 0, c->eps);
+        NAMEF(p, "text_model.encoder.layers.%d.mlp.fc1", l); linear_load(&y->fc1, L, p, Hd, I, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.mlp.fc2", l); linear_load(&y->fc2, L, p, I, Hd, 1);
+    }
+    norm_load(&m->final_ln, L, "text_model.final_layer_norm", Hd, 0, c->eps);
+}
+
+// x[M, H] += out_proj(causal_attention(q, k, v)) with q, k, v = proj(LN1(x)); then the MLP.
+static void clip_layer_forward(const ClipLayer* y, const ClipConfig* c, float* x, int N, int T, Arena* scratch) {
+    int Hd = c->hidden, I = c->intermediate;
+    size_t M = (size_t)N * T, mark = arena_mark(scratch);
+    float* a = arena_alloc(scratch, M * Hd);
+    float* q = arena_alloc(scratch, M * Hd);
+    float* k = arena_alloc(scratch, M * Hd);
+    float* v = arena_alloc(scratch, M * Hd);
+    float* f = arena_alloc(scratch, M * I);
+    layernorm_forward(a, NULL, NULL, x, y->ln1.w, y->ln1.b, (int)M, Hd, y->ln1.eps);
+    linear_forward(q, a, y->q.w, y->q.b, (int)M, Hd, Hd);
+    linear_forward(k, a, y->k.w, y->k.b, (int)M, Hd, Hd);
+    linear_forward(v, a, y->v.w, y->v.b, (int)M, Hd, Hd);
+    attention_forward(a, NULL, q, k, v, N, T, T, c->heads, Hd / c->heads, Hd, Hd, Hd, Hd, 1, scratch);
+    linear_forward(q, a, y->o.w, y->o.b, (int)M, Hd, Hd);
+    add_inplace(x, q, M * Hd);
+    layernorm_forward(a, NULL, NULL, x, y->ln2.w, y->ln2.b, (int)M, Hd, y->ln2.eps);
+    linear_forward(f, a, y->fc1.w, y->fc1.b, (int)M, Hd, I);
+    if (c->quick_gelu) quick_gelu_forward(f, f, M * I);
+    else gelu_forward(f, f, M * I);
+    linear_forward(q, f, y->fc2.w, y->fc2.b, (int)M, I, Hd);
+    add_inplace(x, q, M * Hd);
+    arena_reset(scratch, mark);
+}
+
+void clip_forward(const ClipTextModel* m, float* hidden, const int* ids, int N, int T, Arena* scratch) {
+    const ClipConfig* c = &m->cfg;
+    int Hd = c->hidden;
+    CHECK(T <= c->max_positions, "text encoder: %d tokens exceed the %d positions", T, c->max_positions);
+    size_t mark = arena_mark(scratch);
+    float* x = arena_alloc(scratch, (size_t)N * T * Hd);
+    for (int i = 0; i < N * T; i++) {   // token embedding (or an added token's row) + position
+        int id = ids[i];
+        CHECK(id >= 0 && id < c->vocab_size + m->n_added, "text encoder: token id %d outside the vocabulary (%d + %d added)",
+              id, c->vocab_size, m->n_added);
+        const float* e = id < c->vocab_size ? m->token_embedding + (size_t)id * Hd : m->added + (size_t)(id - c->vocab_size) * Hd;
+        const float* p = m->position_embedding + (size_t)(i % T) * Hd;
+        for (int d = 0; d < Hd; d++) x[(size_t)i * Hd + d] = e[d] + p[d];
+    }
+    for (int l = 0; l < c->layers; l++) clip_layer_forward(&m->layers[l], c, x, N, T, scratch);
+    layernorm_forward(hidden, NULL, NULL, x, m->final_ln.w, m->final_ln.b, N * T, Hd, m->final_ln.eps);
+    arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// LDM single-file names (CompVis layout, SD 1.5 only): diffusers name → LDM name.
+// UNet: input_blocks.{(lpb+1)·i + j + 1}.{0 resnet | 1 transformer}, the downsampler at
+// input_blocks.{(lpb+1)·(i+1)}.0.op; output_blocks.{(lpb+1)·i + j}.{0 | 1}, the upsampler at
+// output_blocks.{(lpb+1)·i + lpb}.{1 or 2}.conv; middle_block.{0, 1, 2}. ResBlock parts are renamed
+// (in_layers, emb_layers, out_layers, skip_connection). VAE: down.i.block.j, up.{levels−1−i}.block.j,
+// mid.block_1/attn_1/block_2, nin_shortcut, norm_out, attention q/k/v/proj_out/norm.
+
+static const char* RESNET_PARTS[][2] = {
+    {"norm1", "in_layers.0"}, {"conv1", "in_layers.2"}, {"time_emb_proj", "emb_layers.1"},
+    {"norm2", "out_layers.0"}, {"conv2", "out_layers.3"}, {"conv_shortcut", "skip_connection"}};
+static const char* VAE_ATTN_PARTS[][2] = {
+    {"group_norm", "norm"}, {"to_q", "q"}, {"to_k", "k"}, {"to_v", "v"}, {"to_out.0", "proj_out"}};
+
+// Replaces a leading part of `rest` by the table's LDM name ("norm1.weight" → "in_layers.0.weight").
+static void rename_part(char* out, size_t cap, const char* head, const char* rest, const char* (*table)[2], int n) {
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(table[i][0]);
+        if (strncmp(rest, table[i][0], len) == 0 && rest[len] == '.') {
+            snprintf(out, cap, "%s%s%s", head, table[i][1], rest + len);
+            return;
+        }
+    }
+    snprintf(out, cap, "%s%s", head, rest);
+}
+
+static void ldm_unet_name(const UNetConfig* c, const char* n, char* out, size_t cap) {
+    int i, j, off = 0, s = c->layers_per_block + 1;
+    char head[128];
+    const char* pre = "model.diffusion_model.";
+    if (strncmp(n, "time_embedding.linear_1.", 24) == 0) snprintf(out, cap, "%stime_embed.0.%s", pre, n + 24);
+    else if (strncmp(n, "time_embedding.linear_2.", 24) == 0) snprintf(out, cap, "%stime_embed.2.%s", pre, n + 24);
+    else if (strncmp(n, "conv_in.", 8) == 0) snprintf(out, cap, "%sinput_blocks.0.0.%s", pre, n + 8);
+    else if (strncmp(n, "conv_norm_out.", 14) == 0) snprintf(out, cap, "%sout.0.%s", pre, n + 14);
+    else if (strncmp(n, "conv_out.", 9) == 0) snprintf(out, cap, "%sout.2.%s", pre, n + 9);
+    else if (sscanf(n, "down_blocks.%d.resnets.%d.%n", &i, &j, &off) == 2 && off) {
+        snprintf(head, sizeof head, "%sinput_blocks.%d.0.", pre, s * i + j + 1);
+        rename_part(out, cap, head, n + off, RESNET_PARTS, 6);
+    } else if (sscanf(n, "down_blocks.%d.attentions.%d.%n", &i, &j, &off) == 2 && off)
+        snprintf(out, cap, "%sinput_blocks.%d.1.%s", pre, s * i + j + 1, n + off);
+    else if (sscanf(n, "down_blocks.%d.downsamplers.0.conv.%n", &i, &off) == 1 && off)
+        snprintf(out, cap, "%sinput_blocks.%d.0.op.%s", pre, s * (i + 1), n + off);
+    else if (sscanf(n, "mid_block.resnets.%d.%n", &j, &off) == 1 && off) {
+        snprintf(head, sizeof head, "%smiddle_block.%d.", pre, 2 * j);
+        rename_part(out, cap, head, n + off, RESNET_PARTS, 6);
+    } else if (strncmp(n, "mid_block.attentions.0.", 23) == 0) snprintf(out, cap, "%smiddle_block.1.%s", pre, n + 23);
+    else if (sscanf(n, "up_blocks.%d.resnets.%d.%n", &i, &j, &off) == 2 && off) {
+        snprintf(head, sizeof head, "%soutput_blocks.%d.0.", pre, s * i + j);
+        rename_part(out, cap, head, n + off, RESNET_PARTS, 6);
+    } else if (sscanf(n, "up_blocks.%d.attentions.%d.%n", &i, &j, &off) == 2 && off)
+        snprintf(out, cap, "%soutput_blocks.%d.1.%s", pre, s * i + j, n + off);
+    else if (sscanf(n, "up_blocks.%d.upsamplers.0.conv.%n", &i, &off) == 1 && off)
+        snprintf(out, cap, "%soutput_blocks.%d.%d.conv.%s", pre, s * i + s - 1, c->up_attn[i] ? 2 : 1, n + off);
+    else snprintf(out, cap, "%s%s", pre, n);
+}
+
+static void ldm_vae_name(const VaeConfig* c, const char* n, char* out, size_t cap) {
+    int i, j, off = 0;
+    char head[128];
+    const char* pre = "first_stage_model.";
+    const char* part = strncmp(n, "encoder.", 8) == 0 ? "encoder" : "decoder";
+    const char* rest = n + 8;
+    if (strncmp(n, "encoder.", 8) && strncmp(n, "decoder.", 8)) { snprintf(out, cap, "%s%s", pre, n); return; }
+    if (sscanf(rest, "down_blocks.%d.resnets.%d.%n", &i, &j, &off) == 2 && off) {
+        snprintf(head, sizeof head, "%s%s.down.%d.block.%d.", pre, part, i, j);
+        rename_part(out, cap, head, rest + off, (const char* (*)[2])RESNET_PARTS + 5, 1);
+    } else if (sscanf(rest, "down_blocks.%d.downsamplers.0.conv.%n", &i, &off) == 1 && off)
+        snprintf(out, cap, "%s%s.down.%d.downsample.conv.%s", pre, part, i, rest + off);
+    else if (sscanf(rest, "up_blocks.%d.resnets.%d.%n", &i, &j, &off) == 2 && off) {
+        snprintf(head, sizeof head, "%s%s.up.%d.block.%d.", pre, part, c->levels - 1 - i, j);
+        rename_part(out, cap, head, rest + off, (const char* (*)[2])RESNET_PARTS + 5, 1);
+    } else if (sscanf(rest, "up_blocks.%d.upsamplers.0.conv.%n", &i, &off) == 1 && off)
+        snprintf(out, cap, "%s%s.up.%d.upsample.conv.%s", pre, part, c->levels - 1 - i, rest + off);
+    else if (sscanf(rest, "mid_block.resnets.%d.%n", &j, &off) == 1 && off) {
+        snprintf(head, sizeof head, "%s%s.mid.block_%d.", pre, part, j + 1);
+        rename_part(out, cap, head, rest + off, (const char* (*)[2])RESNET_PARTS + 5, 1);
+    } else if (strncmp(rest, "mid_block.attentions.0.", 23) == 0) {
+        snprintf(head, sizeof head, "%s%s.mid.attn_1.", pre, part);
+        rename_part(out, cap, head, rest + 23, VAE_ATTN_PARTS, 5);
+    } else if (strncmp(rest, "conv_norm_out.", 14) == 0) snprintf(out, cap, "%s%s.norm_out.%s", pre, part, rest + 14);
+    else snprintf(out, cap, "%s%s", pre, n);
+}
+
+static void ldm_name(const Loader* L, const char* name, char* out, size_t cap) {
+    if (L->comp == COMP_UNET) ldm_unet_name(L->ucfg, name, out, cap);
+    else if (L->comp == COMP_VAE) ldm_vae_name(L->vcfg, name, out, cap);
+    else snprintf(out, cap, "cond_stage_model.transformer.%s", name);
+}
+
+// ----------------------------------------------------------------------------------------------
+// loading a whole model
+
+static int is_known_buffer(const char* name) {   // LDM entries that are not weights of the three nets
+    static const char* prefixes[] = {"model_ema.", "betas", "alphas_cumprod", "sqrt_", "log_one_minus",
+        "posterior_", "logvar", "model.diffusion_model.betas", "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "text_model.embeddings.position_ids"};
+    for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
+        if (strncmp(name, prefixes[i], strlen(prefixes[i])) == 0) return 1;
+    return 0;
+}
+
+static void report_unused(SafeTensors* st, int verbose) {
+    int unused = 0;
+    for (int i = 0; i < st->n; i++)
+        if (!st->entries[i].used && !is_known_buffer(st->entries[i].name)) {
+            if (unused < 20) fprintf(stderr, "warning: %s: unused tensor '%s'\n", st->path, st->entries[i].name);
+            unused++;
+        }
+    if (unused > 20) fprintf(stderr, "warning: %s: %d unused tensors in all\n", st->path, unused);
+    if (verbose && !unused) fprintf(stderr, "%s: all %d tensors used\n", st->path, st->n);
+}
+
+static void load_component(StableDiffusion* sd, Component comp, SafeTensors* st, int ldm, int verbose) {
+    Loader L = {st, ldm, comp, &sd->unet.cfg, &sd->vae.cfg, NULL, 0, NULL, 0, 0};
+    if (comp == COMP_TEXT) clip_load(&sd->clip, &L);
+    if (comp == COMP_UNET) unet_load(&sd->unet, &L);
+    if (comp == COMP_VAE) vae_load(&sd->vae, &L);
+    sd->params[comp] = L.nparams;
+    if (!ldm) report_unused(st, verbose);
+}
+
+static const char* COMPONENT_DIRS[] = {"text_encoder", "unet", "vae"};
+static const char* COMPONENT_FILES[] = {"model.safetensors", "diffusion_pytorch_model.safetensors",
+                                        "diffusion_pytorch_model.safetensors"};
+
+static void configs_from_dir(StableDiffusion* sd, const char* dir, int components) {
+    Json* j;
+    if (components & SD_TEXT) { read_config(dir, "text_encoder", &j); clip_config_read(&sd->clip.cfg, j); json_free(j); }
+    if (components & SD_UNET) { read_config(dir, "unet", &j); unet_config_read(&sd->unet.cfg, j); json_free(j); }
+    if (components & SD_VAE) { read_config(dir, "vae", &j); vae_config_read(&sd->vae.cfg, j); json_free(j); }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/scheduler/scheduler_config.json", dir);
+    FILE* f = fopen(path, "rb");
+    if (f) { fclose(f); read_config(dir, "scheduler", &j); scheduler_config_read(&sd->sched, j); json_free(j); }
+}
+
+void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, const char* config_dir,
+             int components, int verbose) {
+    memset(sd, 0, sizeof *sd);
+    sd->path = xstrdup(path);
+    sd_default_configs(&sd->clip.cfg, &sd->unet.cfg, &sd->vae.cfg, &sd->sched);
+    sd->ldm = !path_is_dir(path);
+    if (sd->ldm) {
+        if (config_dir) configs_from_dir(sd, config_dir, components & 7);
+        else if (components & 7) fprintf(stderr, "note: %s is a single-file (LDM) checkpoint without configs: using SD 1.5's defaults\n", path);
+        CHECK(tokenizer_dir || !(components & SD_TOKENIZER),
+              "%s is a single-file checkpoint and carries no tokenizer. Hint: pass --tokenizer DIR "
+              "(a folder with vocab.json and merges.txt, e.g. the tokenizer/ folder of a diffusers model)", path);
+        if (components & 7) {
+            CHECK(st_open(&sd->files[0], path) == 0, "%s", error_last());
+            sd->nfiles = 1;
+            for (int c = 0; c < 3; c++)
+                if (components & (1 << c)) load_component(sd, (Component)c, &sd->files[0], 1, verbose);
+            report_unused(&sd->files[0], verbose);
+        }
+    } else {
+        configs_from_dir(sd, config_dir ? config_dir : path, components & 7);
+        for (int c = 0; c < 3; c++) {
+            if (!(components & (1 << c))) continue;
+            char fp[4096];
+            snprintf(fp, sizeof fp, "%s/%s/%s", path, COMPONENT_DIRS[c], COMPONENT_FILES[c]);
+            CHECK(st_open(&sd->files[sd->nfiles], fp) == 0, "%s%s", error_last(),
+                  strstr(error_last(), "cannot open") ? ". Hint: a diffusers folder needs <component>/*.safetensors; "
+                  "convert .bin files with convert/convert.py" : "");
+            load_component(sd, (Component)c, &sd->files[sd->nfiles], 0, verbose);
+            sd->nfiles++;
+        }
+    }
+    if (components & SD_TOKENIZER) {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", tokenizer_dir ? tokenizer_dir : path);
+        if (!tokenizer_dir) snprintf(dir, sizeof dir, "%s/tokenizer", path);
+        sd->tok = tokenizer_load(dir);
+        CHECK(sd->tok, "%s", error_last());
+    }
+    sd->loaded = components;
+}
+
+void sd_build_random(StableDiffusion* sd, int components, uint64_t seed) {
+    memset(sd, 0, sizeof *sd);
+    sd->path = xstrdup("(random SD 1.5)");
+    sd_default_configs(&sd->clip.cfg, &sd->unet.cfg, &sd->vae.cfg, &sd->sched);
+    Rng rng;
+    rng_seed(&rng, seed);
+    Loader L = {NULL, 0, COMP_TEXT, &sd->unet.cfg, &sd->vae.cfg, &rng, 0, NULL, 0, 0};
+    if (components & SD_TEXT) { L.comp = COMP_TEXT; L.nparams = 0; clip_load(&sd->clip, &L); sd->params[0] = L.nparams; }
+    if (components & SD_UNET) { L.comp = COMP_UNET; L.nparams = 0; unet_load(&sd->unet, &L); sd->params[1] = L.nparams; }
+    if (components & SD_VAE) { L.comp = COMP_VAE; L.nparams = 0; vae_load(&sd->vae, &L); sd->params[2] = L.nparams; }
+    // the random weights are owned through the Loader list; keep it in files[0].data's place
+    sd->files[0].data = (unsigned char*)L.owned;
+    sd->files[0].n = -L.nowned;     // marks "random": sd_free frees owned pointers
+    sd->loaded = components & 7;
+}
+
+void sd_free(StableDiffusion* sd) {
+    if (sd->files[0].n < 0) {
+        float** owned = (float**)sd->files[0].data;
+        for (int i = 0; i < -sd->files[0].n; i++) free(owned[i]);
+        free(owned);
+        memset(&sd->files[0], 0, sizeof sd->files[0]);
+    }
+    for (int i = 0; i < sd->nfiles; i++) st_close(&sd->files[i]);
+    if (sd->loaded & SD_UNET) unet_free(&sd->unet);
+    free(sd->clip.layers);
+    if (sd->tok) tokenizer_free(sd->tok);
+    free(sd->path);
+    memset(sd, 0, sizeof *sd);
+}
+
+// ctx[n, 77, D] = CLIP(tokenize(prompts[i])) for n prompts (added tokens must be registered with
+// the tokenizer and their rows set in sd->clip.added). Exits with a message on a bad prompt.
+void sd_encode_prompts(StableDiffusion* sd, const char* const* prompts, int n, float* ctx, Arena* scratch) {
+    CHECK(sd->tok, "internal: tokenizer not loaded");
+    int* ids = xmalloc((size_t)n * CLIP_MAX_LENGTH * sizeof(int));
+    for (int i = 0; i < n; i++)
+        CHECK(tokenizer_encode(sd->tok, prompts[i], ids + (size_t)i * CLIP_MAX_LENGTH, CLIP_MAX_LENGTH) >= 0,
+              "prompt \"%.60s\": %s", prompts[i], error_last());
+    clip_forward(&sd->clip, ctx, ids, n, CLIP_MAX_LENGTH, scratch);
+    free(ids);
+}
