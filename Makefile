@@ -35,6 +35,7 @@ all: instastyle
 
 $(BUILD)/%.o: %.c instastyle.h | $(BUILD)
 	$(CC) $(CFLAGS) -c $< -o $@
+$(BUILD)/tokenizer.o: unicode_tables.h
 $(BUILD)/nn_cuda.o: nn_cuda.cu instastyle.h | $(BUILD)
 	$(NVCC) -O3 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra -c $< -o $@
 $(BUILD):

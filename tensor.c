@@ -275,8 +275,10 @@ static size_t utf8_put(char* out, unsigned cp) {
 
 // Parses a string body after the opening quote; output is never longer than the input.
 static int json_string(JsonParser* p, char** out, size_t* out_len) {
-    size_t start = p->pos;
-    char* buf = malloc(p->len - start + 1);
+    size_t start = p->pos, end = start;
+    while (end < p->len && p->s[end] != '"') end += p->s[end] == '\\' ? 2 : 1;   // the closing quote
+    if (end > p->len) end = p->len;
+    char* buf = malloc(end - start + 1);
     if (!buf) return json_fail(p, "out of memory");
     size_t n = 0;
     while (1) {
