@@ -146,6 +146,7 @@ void sgemm(int transA, int transB, int M, int N, int K, float alpha,
 void sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
                const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc);
 const char* sgemm_kernel_name(void);      // "avx512", "avx2", "scalar"
+double sgemm_flop_count(void);            // 2·M·N·K summed over every sgemm call so far
 
 // Thread pool: persistent workers; parallel_for splits [0, n) into contiguous chunks.
 // fn must write outputs that depend only on the index, never on the split.
@@ -169,8 +170,8 @@ void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N
                            int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
 void groupnorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
                        const float* b, int N, int C, int HW, int G, float eps, int silu);
-void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean,
-                        const float* rstd, const float* w, int N, int C, int HW, int G);
+void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean, const float* rstd,
+                        const float* w, const float* b, int N, int C, int HW, int G, int silu);
 void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
                        const float* b, int M, int C, float eps);
 void layernorm_backward(float* dx, const float* dout, const float* x, const float* mean,
@@ -186,6 +187,9 @@ void geglu_backward(float* dproj, const float* dout, const float* proj, int M, i
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
                        int causal, Arena* scratch);
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                        const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
+                        int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch);
 void upsample_nearest_forward(float* out, const float* x, int N, int C, int H, int W, int Ho, int Wo);
 void upsample_nearest_backward(float* dx, const float* dout, int N, int C, int H, int W, int Ho, int Wo);
 void nchw_to_nhwc(float* out, const float* x, int N, int C, int HW);
@@ -206,6 +210,7 @@ int tokenizer_vocab_size(const Tokenizer* tok);       // base vocabulary (49408 
 // Adds an exact-match token (e.g. "<style1>"); returns its id (vocab_size + k), or the
 // existing id if already added.
 int tokenizer_add_token(Tokenizer* tok, const char* text);
+void tokenizer_clear_added(Tokenizer* tok);   // forgets every token added with tokenizer_add_token
 // BOS, BPE ids, EOS, EOS-padding to max_len; truncated so EOS stays last.
 // Returns the number of ids before padding, or -1 + error_last() (e.g. invalid UTF-8).
 int tokenizer_encode(const Tokenizer* tok, const char* text, int* ids, int max_len);
@@ -243,7 +248,10 @@ typedef struct VaeConfig {
 } VaeConfig;
 
 // primitives: pointers into the loaded weights
-typedef struct Linear { const float* w; const float* b; int in, out; } Linear;   // w (out, in)
+typedef struct Linear {
+    const float* w; const float* b; int in, out;   // w (out, in)
+    float* dw;                                     // gradient of w when trained (K/V mode), else NULL
+} Linear;
 typedef struct Conv2d { const float* w; const float* b; int in, out, k, stride, pad_lo, pad_hi; } Conv2d;
 typedef struct Norm { const float* w; const float* b; int C, G; float eps; } Norm;  // G = 0: LayerNorm
 
@@ -347,6 +355,7 @@ typedef struct StableDiffusion {
     int nfiles, ldm, loaded;           // loaded: SD_* mask
     char* path;
     int64_t params[3];                 // parameter counts: text, unet, vae
+    struct TrainParams* trained;       // applied by trained_apply (lora.c), freed by sd_free
 } StableDiffusion;
 
 // path: a diffusers folder or an LDM single-file .safetensors; tokenizer_dir: folder with
@@ -361,9 +370,26 @@ void sd_default_configs(ClipConfig* c, UNetConfig* u, VaeConfig* v, SchedulerCon
 
 // hidden[N, T, H] = CLIP(ids[N, T]), T <= max_positions.
 void clip_forward(const ClipTextModel* m, float* hidden, const int* ids, int N, int T, Arena* scratch);
+// Training: the same forward, keeping in `saved` what clip_backward reads. The backward runs from
+// dhidden [N, T, H] to the embedding lookup and accumulates only the added-token rows dadded [n_added, H].
+typedef struct ClipSaved ClipSaved;       // defined in sd.c
+ClipSaved* clip_forward_train(const ClipTextModel* m, float* hidden, const int* ids, int N, int T, Arena* scratch,
+                              Arena* saved);
+void clip_backward(const ClipTextModel* m, const ClipSaved* sv, float* dadded, const float* dhidden, Arena* scratch);
 // eps[N, out, H, W] = UNet(x[N, in, H, W], t[N], context[N, Tc, cross_dim]).
 void unet_forward(const UNet* u, float* eps, const float* x, const float* t, const float* context,
                   int N, int H, int W, int Tc, Arena* scratch);
+// Training: the same forward, keeping in `saved` what unet_backward reads (context must stay alive).
+// The backward takes deps [N, out, H, W] and accumulates dcontext [N, Tc, D] (NULL: not wanted) and
+// the gradients of attn2's LoRA factors / trainable K/V weights (through their pointers).
+typedef struct UNetSaved UNetSaved;       // defined in sd.c
+UNetSaved* unet_forward_train(const UNet* u, float* eps, const float* x, const float* t, const float* context,
+                              int N, int H, int W, int Tc, Arena* scratch, Arena* saved);
+void unet_backward(const UNet* u, const UNetSaved* sv, float* dcontext, const float* deps, Arena* scratch);
+// The cross-attention (attn2) modules in forward order with their diffusers paths
+// ("down_blocks.0.attentions.0.transformer_blocks.0.attn2"); returns the count (only the first
+// cap are written).
+int unet_cross_attentions(UNet* u, Attention** out, char (*paths)[128], int cap);
 // mean, logvar [N, L, h, w] of the posterior for image[N, 3, H, W] in [-1, 1].
 void vae_encode(const Vae* v, float* mean, float* logvar, const float* image, int N, int H, int W, Arena* scratch);
 // image[N, 3, 8h, 8w] = decode(latent / scaling_factor), unclamped.
@@ -406,7 +432,8 @@ void ddim_sample(const UNet* u, const Schedule* s, float* z, float* latents, con
                  Arena* scratch);
 
 // ---------------------------------------------------------------------------------------------
-// lora.c: trainable parameters (added-token rows, LoRA on attn2 to_k/to_v, or full K/V), AdamW
+// lora.c: trainable parameters (added-token rows, LoRA on attn2 to_k/to_v, or full K/V), loss,
+// AdamW, the train step, checkpoints, export and import of A1111/kohya/diffusers files
 // ---------------------------------------------------------------------------------------------
 
 // A LoRA side path on a frozen linear W (out, in): y = W·x + scale · up·(down·x).
@@ -420,6 +447,103 @@ struct LoraPair {
 };
 // out[M, out] += scale · (x[M, in] · downᵀ) · upᵀ
 void lora_forward(const LoraPair* lp, float* out, const float* x, int M, Arena* scratch);
+// The same, keeping h[M, rank] = x · downᵀ for the backward.
+void lora_forward_save(const LoraPair* lp, float* out, float* h, const float* x, int M);
+// From dout[M, out]: dx[M, in] += (NULL: not wanted); lp->ddown, lp->dup += (NULL: frozen).
+void lora_backward(const LoraPair* lp, float* dx, const float* dout, const float* h, const float* x, int M,
+                   Arena* scratch);
+
+// pred, target [N, C, HW]. mask NULL: mean over N·C·HW of (pred − target)². mask [N, 1, HW]:
+// InstaStyle's mean_n(Σ_{c,hw} mask·(pred − target)² / Σ_hw mask) (the denominator sums the
+// one-channel mask). Returns the loss; dpred (if non-NULL) += ∂loss/∂pred.
+float loss_mse(float* dpred, const float* pred, const float* target, const float* mask, int N, int C, int HW);
+
+typedef enum { TRAIN_LORA, TRAIN_KV } TrainMode;   // the paper's LoRA, or the official full K/V
+#define TRAIN_MAX_TOKENS 2
+
+// One named trainable tensor: a view of the value / gradient buffers.
+typedef struct TrainTensor { char name[160]; float* val; float* grad; size_t off, numel; int ndim, shape[2]; } TrainTensor;
+
+// Everything trainable (llm.c's ParameterTensors): one allocation holds values | grads | AdamW m |
+// AdamW v, each n floats in the same layout: token rows [ntok, hidden], then per attn2 layer l
+// to_k then to_v, each LoRA down (rank, in) + up (out, rank), or the full weight (out, in).
+typedef struct TrainParams {
+    TrainMode mode;
+    int ntok, hidden, nlayers, rank;  // rank 0 in LoRA mode: token rows only
+    float alpha, scale;               // LoRA scale = alpha / rank
+    char tokens[TRAIN_MAX_TOKENS][32];// "<style1>", "<style2>"
+    size_t n;
+    float* mem;                       // [4n]
+    float *values, *grads, *m, *v;
+    float *tok, *dtok;                // [ntok, hidden]
+    LoraPair* lora;                   // [2·nlayers]: to_k of layer l at 2l, to_v at 2l + 1
+    float **kv, **dkv;                // [2·nlayers]: full to_k / to_v weights (K/V mode)
+    Attention** attn;                 // [nlayers] the UNet's attn2 modules, forward order
+    char (*paths)[128];               // [nlayers] their diffusers paths
+    const float** base;               // [2·nlayers] the frozen to_k / to_v weights
+    TrainTensor* t;
+    int nt, step, attached;           // step: optimiser steps taken
+} TrainParams;
+
+// Builds the layout for sd's UNet. Token rows start as the embedding of init_ids[k] (NULL: zeros);
+// LoRA down ~ N(0, 1/rank²) from rng (NULL: zeros), up = 0, so the model is unchanged bit for bit;
+// K/V mode starts from copies of the frozen weights. Tokens are named "<style1>", "<style2>".
+void train_params_init(TrainParams* tp, StableDiffusion* sd, TrainMode mode, int ntok, const int* init_ids,
+                       int rank, float alpha, Rng* rng);
+void train_params_free(TrainParams* tp);
+// Hooks tp into sd: LoRA side paths or K/V weights on every attn2, the token rows as CLIP's added
+// rows, the token names registered with the tokenizer (ids vocab_size + k). Detach undoes it.
+void train_attach(TrainParams* tp, StableDiffusion* sd);
+void train_detach(TrainParams* tp, StableDiffusion* sd);
+
+typedef struct TrainBatch {
+    int N, h, w;                // latents [N, C, h, w]
+    const float* latent0;       // clean latents (VAE mean × scaling factor)
+    const float* noise;         // ε
+    const int* timesteps;       // [N] train timesteps
+    const float* mask;          // [N, 1, h, w] for the masked loss, or NULL
+    const int* ids;             // [N, 77] token ids (added tokens included)
+} TrainBatch;
+// Zeroes the grads, runs CLIP → noisy = √ᾱ·z0 + √(1−ᾱ)·ε → UNet → loss → backward; gradients in
+// tp->grads. alphas_cumprod [train_steps]. Returns the loss. Both arenas are back at their marks.
+float train_step(StableDiffusion* sd, TrainParams* tp, const float* alphas_cumprod, const TrainBatch* b,
+                 Arena* scratch, Arena* saved);
+
+typedef struct AdamW {          // double, as torch's Python scalars (rounded to float where torch does)
+    double lr, beta1, beta2, eps, weight_decay;
+    double max_grad_norm;       // <= 0: no clipping
+    int warmup;                 // linear warm-up steps (0: constant lr)
+} AdamW;
+AdamW adamw_defaults(void);     // the paper: lr 1e-5, betas (0.9, 0.999), eps 1e-8, no decay, no clip
+// torch's clip_grad_norm_ over P tensors: returns the total norm before clipping and scales every
+// gradient by min(1, max_norm / (total + 1e-6)) when max_norm > 0.
+float grad_clip_norm(float* const* grads, const size_t* n, int P, float max_norm);
+// torch.optim.AdamW's step (decoupled decay, bias correction) for step number `step` (1-based).
+void adamw_update(float* p, const float* g, float* m, float* v, size_t n, const AdamW* opt, double lr, int step);
+// Clip + AdamW over all of tp, lr warmed up; returns the gradient norm before clipping.
+float train_update(TrainParams* tp, const AdamW* opt);
+
+// Checkpoint: trainable tensors, AdamW m and v, step, tokens and the RNG state (if non-NULL) in one
+// safetensors file, written atomically; meta: NULL-terminated key, value pairs (or NULL).
+int train_save(const TrainParams* tp, const char* path, const Rng* rng, const char* const* meta);
+// Rebuilds tp for sd from a train_save file and restores the optimiser and rng (if non-NULL).
+int train_load(TrainParams* tp, StableDiffusion* sd, const char* path, Rng* rng);
+// kohya/A1111 LoRA names (lora_unet_<path>.lora_down.weight, .lora_up.weight, .alpha), or in K/V
+// mode lora_unet_<path>.diff = trained − base weight.
+int train_export_lora(const TrainParams* tp, const char* path);
+// Token k as a one-tensor embedding file "emb_params" [1, hidden] (A1111, diffusers, sd.cpp).
+int train_export_embedding(const TrainParams* tp, int k, const char* path);
+// Loads a file written by 'refine' (or an exported LoRA / embedding) into sd: registers the
+// learned tokens with the tokenizer, sets their embedding rows, attaches LoRA or K/V weights.
+// 0, or -1 + error_last().
+int trained_apply(StableDiffusion* sd, const char* path);
+// Ctrl-C: the first sets a flag the training loop checks between steps (to save a checkpoint and
+// stop); the second exits at once.
+void train_catch_sigint(void);
+int train_interrupted(void);
+// One LoRA training step of full-size SD 1.5 with random weights at size×size; seconds, or
+// -1 when training is not available.
+double train_bench_step(int size, int batch);
 
 // ---------------------------------------------------------------------------------------------
 // image.c: PPM/BMP/PNG I/O, centre crop and resize, NCHW conversion, contact sheet

@@ -1205,6 +1205,11 @@ int tokenizer_add_token(Tokenizer* t, const char* text) {
     return add_exact(t, text, id);
 }
 
+void tokenizer_clear_added(Tokenizer* t) {
+    while (t->n_added > 2) free(t->added[--t->n_added]);   // keeps BOS and EOS
+    t->n_new = 0;
+}
+
 int tokenizer_encode(const Tokenizer* t, const char* text, int* ids, int max_len) {
     if (!ids) { error_set("tokenizer_encode: no output array"); return -1; }
     if (max_len < 2) { error_set("tokenizer_encode: max_len %d leaves no room for BOS and EOS", max_len); return -1; }

@@ -66,10 +66,10 @@ const char* param_string(Case* c, const char* key, const char* fallback) { retur
 
 // The model of this case, loaded once per folder and kept for the following cases.
 static StableDiffusion g_model;
-static char g_model_path[4096];
+static char g_model_path[6000];
 
 StableDiffusion* case_model(Case* c) {
-    char path[4096];
+    char path[sizeof c->root + sizeof c->model + 2];
     snprintf(path, sizeof path, "%s/%s", c->root, c->model);
     if (strcmp(path, g_model_path) != 0) {
         if (g_model_path[0]) sd_free(&g_model);
@@ -81,6 +81,7 @@ StableDiffusion* case_model(Case* c) {
 
 // Registers params.added_tokens with the tokenizer and returns their count.
 int case_added_tokens(Case* c, StableDiffusion* sd) {
+    tokenizer_clear_added(sd->tok);
     const Json* a = json_get(c->params, "added_tokens");
     if (!a || a->type != JSON_ARRAY) return 0;
     for (int i = 0; i < a->count; i++) {
