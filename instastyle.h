@@ -54,6 +54,7 @@ size_t tensor_numel(const Tensor* t);
 typedef struct ArenaChunk ArenaChunk;
 typedef struct Arena {
     ArenaChunk* head;      // current chunk (newest)
+    ArenaChunk* spare;     // chunks released by arena_reset, reused before any new malloc
     size_t used;           // bytes in use across all chunks
     size_t peak;           // largest `used` seen
     size_t chunk_size;     // default chunk capacity

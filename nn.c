@@ -19,6 +19,15 @@
 #include <math.h>
 #include <string.h>
 
+// Backward kernels split independent outputs over threads only when there is enough work: below
+// NN_SERIAL_WORK floating-point operations the pool's wake-up costs more than it saves. The result
+// does not depend on the split.
+#define NN_SERIAL_WORK ((size_t)1 << 17)
+static void parallel_for_work(int n, size_t work, void (*fn)(void* ctx, int begin, int end), void* ctx) {
+    if (work < NN_SERIAL_WORK) fn(ctx, 0, n);
+    else parallel_for(n, fn, ctx);
+}
+
 // ----------------------------------------------------------------------------------------------
 // linear: out[M, OUT] = inp[M, IN] · w[OUT, IN]ᵀ + b[OUT]   (b may be NULL)
 
@@ -102,16 +111,25 @@ void conv2d_forward(float* out, const float* inp, const float* w, const float* b
 }
 
 // Backward-data: dinp += wᵀ ⊛ dout (the transposed convolution), via col = wᵀ·dout then col2im.
-static void col2im_add(float* dx, const float* col, int C, int H, int W, int K, int stride, int pad,
-                       int Wo, int p0, int np) {
-    for (int r = 0; r < C * K * K; r++) {
-        int c = r / (K * K), ky = (r / K) % K, kx = r % K;
-        float* dxc = dx + (size_t)c * H * W;
-        const float* src = col + (size_t)r * np;
-        for (int i = 0; i < np; i++) {
-            int p = p0 + i, oy = p / Wo, ox = p % Wo;
-            int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-            if (iy >= 0 && iy < H && ix >= 0 && ix < W) dxc[(size_t)iy * W + ix] += src[i];
+// col2im adds each column row (c, ky, kx) into input channel c: threads split the channels.
+typedef struct Col2im {
+    float* dx; const float* col;
+    int C, H, W, K, stride, pad, Wo, p0, np;
+} Col2im;
+
+static void col2im_channels(void* ctx, int c0, int c1) {
+    const Col2im* a = ctx;
+    int K = a->K;
+    for (int c = c0; c < c1; c++) {
+        float* dxc = a->dx + (size_t)c * a->H * a->W;
+        for (int r = c * K * K; r < (c + 1) * K * K; r++) {
+            int ky = (r / K) % K, kx = r % K;
+            const float* src = a->col + (size_t)r * a->np;
+            for (int i = 0; i < a->np; i++) {
+                int p = a->p0 + i, oy = p / a->Wo, ox = p % a->Wo;
+                int iy = oy * a->stride - a->pad + ky, ix = ox * a->stride - a->pad + kx;
+                if (iy >= 0 && iy < a->H && ix >= 0 && ix < a->W) dxc[(size_t)iy * a->W + ix] += src[i];
+            }
         }
     }
 }
@@ -136,7 +154,8 @@ void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N
             int np = (int)(HWo - p0 < tile ? HWo - p0 : tile);
             sgemm(1, 0, (int)CKK, np, OC, 1.0f, w, (int)CKK, dout + (size_t)n * OC * HWo + p0, (int)HWo,
                   0.0f, col, np);
-            col2im_add(dinp + (size_t)n * C * H * W, col, C, H, W, K, stride, pad_lo, Wo, (int)p0, np);
+            Col2im a = {dinp + (size_t)n * C * H * W, col, C, H, W, K, stride, pad_lo, Wo, (int)p0, np};
+            parallel_for_work(C, CKK * (size_t)np, col2im_channels, &a);
         }
     arena_reset(scratch, mark);
 }
@@ -184,34 +203,48 @@ void groupnorm_forward(float* out, float* mean, float* rstd, const float* x, con
     parallel_for(N * G, groupnorm_groups, &a);
 }
 
-// Forward (without SiLU): y = (x − μ)·rstd·w + b. With x̂ = (x − μ)·rstd and g = dy·w:
-// dx = rstd · (g − mean(g) − x̂ · mean(g·x̂)), means over the group.
-void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean,
-                        const float* rstd, const float* w, int N, int C, int HW, int G) {
-    int cg = C / G;
-    for (int i = 0; i < N * G; i++) {
-        int n = i / G, g = i % G;
-        size_t off = ((size_t)n * C + (size_t)g * cg) * HW, cnt = (size_t)cg * HW;
+// Forward: y = (x − μ)·rstd·w + b, out = silu(y) when `silu` (y recomputed from the saved stats).
+// With dy = dout·silu'(y) (or dout), x̂ = (x − μ)·rstd and g = dy·w:
+// dx = rstd · (g − mean(g) − x̂ · mean(g·x̂)), means over the group. Threads split the groups.
+typedef struct GroupNormBack {
+    float* dx; const float* dout; const float* x; const float* mean; const float* rstd;
+    const float* w; const float* b; int C, HW, G, silu;
+} GroupNormBack;
+
+static float silu_grad(float y) {
+    float s = 1.0f / (1.0f + expf(-y));
+    return s * (1.0f + y * (1.0f - s));
+}
+
+static void groupnorm_backward_groups(void* ctx, int i0, int i1) {
+    const GroupNormBack* a = ctx;
+    int cg = a->C / a->G, HW = a->HW;
+    for (int i = i0; i < i1; i++) {              // i = n·G + g
+        int n = i / a->G, g = i % a->G;
+        size_t off = ((size_t)n * a->C + (size_t)g * cg) * HW, cnt = (size_t)cg * HW;
+        float mu = a->mean[i], rs = a->rstd[i];
         double sg = 0, sgx = 0;
-        for (int c = 0; c < cg; c++) {
-            float wc = w[g * cg + c];
-            for (int j = 0; j < HW; j++) {
-                size_t k = off + (size_t)c * HW + j;
-                float xh = (x[k] - mean[i]) * rstd[i], gk = dout[k] * wc;
-                sg += gk;
-                sgx += gk * xh;
-            }
-        }
-        float mg = (float)(sg / cnt), mgx = (float)(sgx / cnt);
-        for (int c = 0; c < cg; c++) {
-            float wc = w[g * cg + c];
-            for (int j = 0; j < HW; j++) {
-                size_t k = off + (size_t)c * HW + j;
-                float xh = (x[k] - mean[i]) * rstd[i];
-                dx[k] += rstd[i] * (dout[k] * wc - mg - xh * mgx);
+        for (int pass = 0; pass < 2; pass++) {
+            float mg = (float)(sg / (double)cnt), mgx = (float)(sgx / (double)cnt);
+            for (int c = 0; c < cg; c++) {
+                int ch = g * cg + c;
+                float wc = a->w[ch], bc = a->b[ch];
+                for (int j = 0; j < HW; j++) {
+                    size_t k = off + (size_t)c * HW + j;
+                    float xh = (a->x[k] - mu) * rs, gk = a->dout[k] * wc;
+                    if (a->silu) gk *= silu_grad(xh * wc + bc);
+                    if (pass == 0) { sg += gk; sgx += gk * xh; }
+                    else a->dx[k] += rs * (gk - mg - xh * mgx);
+                }
             }
         }
     }
+}
+
+void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean, const float* rstd,
+                        const float* w, const float* b, int N, int C, int HW, int G, int silu) {
+    GroupNormBack a = {dx, dout, x, mean, rstd, w, b, C, HW, G, silu};
+    parallel_for_work(N * G, (size_t)N * C * HW * 8, groupnorm_backward_groups, &a);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -232,24 +265,37 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, con
     }
 }
 
-// Same derivative as groupnorm with one group per row: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)).
-void layernorm_backward(float* dx, const float* dout, const float* x, const float* mean,
-                        const float* rstd, const float* w, int M, int C) {
-    for (int m = 0; m < M; m++) {
-        const float* xm = x + (size_t)m * C;
-        const float* dm = dout + (size_t)m * C;
+// Same derivative as groupnorm with one group per row: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),
+// g = dout·w. Threads split the rows.
+typedef struct LayerNormBack {
+    float* dx; const float* dout; const float* x; const float* mean; const float* rstd; const float* w; int C;
+} LayerNormBack;
+
+static void layernorm_backward_rows(void* ctx, int m0, int m1) {
+    const LayerNormBack* a = ctx;
+    int C = a->C;
+    for (int m = m0; m < m1; m++) {
+        const float* xm = a->x + (size_t)m * C;
+        const float* dm = a->dout + (size_t)m * C;
+        float* dxm = a->dx + (size_t)m * C;
         double sg = 0, sgx = 0;
         for (int c = 0; c < C; c++) {
-            float xh = (xm[c] - mean[m]) * rstd[m], g = dm[c] * w[c];
+            float xh = (xm[c] - a->mean[m]) * a->rstd[m], g = dm[c] * a->w[c];
             sg += g;
             sgx += g * xh;
         }
         float mg = (float)(sg / C), mgx = (float)(sgx / C);
         for (int c = 0; c < C; c++) {
-            float xh = (xm[c] - mean[m]) * rstd[m];
-            dx[(size_t)m * C + c] += rstd[m] * (dm[c] * w[c] - mg - xh * mgx);
+            float xh = (xm[c] - a->mean[m]) * a->rstd[m];
+            dxm[c] += a->rstd[m] * (dm[c] * a->w[c] - mg - xh * mgx);
         }
     }
+}
+
+void layernorm_backward(float* dx, const float* dout, const float* x, const float* mean,
+                        const float* rstd, const float* w, int M, int C) {
+    LayerNormBack a = {dx, dout, x, mean, rstd, w, C};
+    parallel_for_work(M, (size_t)M * C * 8, layernorm_backward_rows, &a);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -260,10 +306,7 @@ void silu_forward(float* out, const float* x, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-x[i]));
 }
 void silu_backward(float* dx, const float* dout, const float* x, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        float s = 1.0f / (1.0f + expf(-x[i]));
-        dx[i] += dout[i] * s * (1.0f + x[i] * (1.0f - s));
-    }
+    for (size_t i = 0; i < n; i++) dx[i] += dout[i] * silu_grad(x[i]);
 }
 
 // quick_gelu(x) = x·σ(1.702x) (CLIP);  d/dx = σ(1.702x)·(1 + 1.702x·(1 − σ(1.702x)))
@@ -372,6 +415,111 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     size_t mark = arena_mark(scratch);
     a.bufs = arena_alloc(scratch, (size_t)a.workers * ATT_BQ * Tk);
     parallel_for(a.workers, attention_worker, &a);
+    arena_reset(scratch, mark);
+}
+
+// Backward, flash-attention style: nothing of size (Tq, Tk) is kept; P is recomputed block by
+// block from the saved lse. Forward: s_ij = scale·q_i·k_j, p_ij = exp(s_ij − lse_i), o_i = Σ_j p_ij v_j.
+// With D_i = Σ_d do_i·o_i, dp_ij = do_i·v_j and ds_ij = p_ij·(dp_ij − D_i):
+//   dq_i += scale·Σ_j ds_ij k_j     (pass 1: threads own blocks of queries)
+//   dv_j += Σ_i p_ij do_i,  dk_j += scale·Σ_i ds_ij q_i   (pass 2: threads own blocks of keys)
+// Every output element is summed in one task in a fixed order: bitwise equal for any thread count.
+// dq, dk, dv (strides ldq, ldk, ldv) may be NULL; dout and out have stride ldo.
+
+typedef struct AttnBack {
+    float* dq; float* dk; float* dv;
+    const float* dout; const float* out; const float* lse; const float* q; const float* k; const float* v;
+    int N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal;
+    float scale;
+    float* D;             // [N, NH, Tq]
+    float* bufs;          // [workers][2 · ATT_BQ · max(Tq, Tk)]
+    int tasks, workers, pass;
+} AttnBack;
+
+// Pass 1, one block of queries i0..i0+bq−1 of head h: S, dP [bq, Tk] → dq.
+static void attention_back_queries(const AttnBack* a, int n, int h, int i0, int bq, float* S, float* dP) {
+    const float* q = a->q + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * a->HD;
+    const float* k = a->k + (size_t)n * a->Tk * a->ldk + (size_t)h * a->HD;
+    const float* v = a->v + (size_t)n * a->Tk * a->ldv + (size_t)h * a->HD;
+    const float* dout = a->dout + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * a->HD;
+    const float* lse = a->lse + ((size_t)n * a->NH + h) * a->Tq + i0;
+    const float* D = a->D + ((size_t)n * a->NH + h) * a->Tq + i0;
+    sgemm(0, 1, bq, a->Tk, a->HD, a->scale, q, a->ldq, k, a->ldk, 0.0f, S, a->Tk);
+    sgemm(0, 1, bq, a->Tk, a->HD, 1.0f, dout, a->ldo, v, a->ldv, 0.0f, dP, a->Tk);
+    for (int r = 0; r < bq; r++)
+        for (int j = 0; j < a->Tk; j++) {
+            size_t e = (size_t)r * a->Tk + j;
+            float p = a->causal && j > i0 + r ? 0.0f : expf(S[e] - lse[r]);
+            S[e] = p * (dP[e] - D[r]);
+        }
+    float* dq = a->dq + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * a->HD;
+    sgemm(0, 0, bq, a->HD, a->Tk, a->scale, S, a->Tk, k, a->ldk, 1.0f, dq, a->ldq);
+}
+
+// Pass 2, one block of keys j0..j0+bk−1 of head h: Sᵀ, dPᵀ [bk, Tq] → dk, dv.
+static void attention_back_keys(const AttnBack* a, int n, int h, int j0, int bk, float* St, float* dPt) {
+    const float* q = a->q + (size_t)n * a->Tq * a->ldq + (size_t)h * a->HD;
+    const float* k = a->k + ((size_t)n * a->Tk + j0) * a->ldk + (size_t)h * a->HD;
+    const float* v = a->v + ((size_t)n * a->Tk + j0) * a->ldv + (size_t)h * a->HD;
+    const float* dout = a->dout + (size_t)n * a->Tq * a->ldo + (size_t)h * a->HD;
+    const float* lse = a->lse + ((size_t)n * a->NH + h) * a->Tq;
+    const float* D = a->D + ((size_t)n * a->NH + h) * a->Tq;
+    sgemm(0, 1, bk, a->Tq, a->HD, a->scale, k, a->ldk, q, a->ldq, 0.0f, St, a->Tq);
+    sgemm(0, 1, bk, a->Tq, a->HD, 1.0f, v, a->ldv, dout, a->ldo, 0.0f, dPt, a->Tq);
+    for (int r = 0; r < bk; r++)
+        for (int i = 0; i < a->Tq; i++) {
+            size_t e = (size_t)r * a->Tq + i;
+            float p = a->causal && j0 + r > i ? 0.0f : expf(St[e] - lse[i]);
+            St[e] = p;                        // Pᵀ
+            dPt[e] = p * (dPt[e] - D[i]);     // dSᵀ
+        }
+    if (a->dv) sgemm(0, 0, bk, a->HD, a->Tq, 1.0f, St, a->Tq, dout, a->ldo, 1.0f,
+                     a->dv + ((size_t)n * a->Tk + j0) * a->ldv + (size_t)h * a->HD, a->ldv);
+    if (a->dk) sgemm(0, 0, bk, a->HD, a->Tq, a->scale, dPt, a->Tq, q, a->ldq, 1.0f,
+                     a->dk + ((size_t)n * a->Tk + j0) * a->ldk + (size_t)h * a->HD, a->ldk);
+}
+
+static void attention_back_worker(void* ctx, int w0, int w1) {
+    const AttnBack* a = ctx;
+    int T = a->pass == 1 ? a->Tq : a->Tk, nb = (T + ATT_BQ - 1) / ATT_BQ;
+    size_t len = (size_t)ATT_BQ * (a->Tq > a->Tk ? a->Tq : a->Tk);
+    for (int w = w0; w < w1; w++) {
+        float* b0 = a->bufs + (size_t)w * 2 * len;
+        int per = (a->tasks + a->workers - 1) / a->workers;
+        for (int t = w * per; t < (w + 1) * per && t < a->tasks; t++) {
+            int n = t / (a->NH * nb), h = (t / nb) % a->NH, x0 = (t % nb) * ATT_BQ;
+            int bx = T - x0 < ATT_BQ ? T - x0 : ATT_BQ;
+            if (a->pass == 1) attention_back_queries(a, n, h, x0, bx, b0, b0 + len);
+            else attention_back_keys(a, n, h, x0, bx, b0, b0 + len);
+        }
+    }
+}
+
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                        const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
+                        int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch) {
+    AttnBack a = {dq, dk, dv, dout, out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal,
+                  1.0f / sqrtf((float)HD), NULL, NULL, 0, 0, 0};
+    size_t mark = arena_mark(scratch);
+    a.D = arena_alloc(scratch, (size_t)N * NH * Tq);
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < NH; h++)
+            for (int i = 0; i < Tq; i++) {
+                const float* o = out + ((size_t)n * Tq + i) * ldo + (size_t)h * HD;
+                const float* g = dout + ((size_t)n * Tq + i) * ldo + (size_t)h * HD;
+                float d = 0.0f;
+                for (int e = 0; e < HD; e++) d += g[e] * o[e];
+                a.D[((size_t)n * NH + h) * Tq + i] = d;
+            }
+    int most = threads_count();
+    size_t len = (size_t)ATT_BQ * (Tq > Tk ? Tq : Tk);
+    a.bufs = arena_alloc(scratch, (size_t)most * 2 * len);
+    for (a.pass = 1; a.pass <= 2; a.pass++) {
+        if (a.pass == 1 ? !dq : !dk && !dv) continue;
+        a.tasks = N * NH * (((a.pass == 1 ? Tq : Tk) + ATT_BQ - 1) / ATT_BQ);
+        a.workers = most < a.tasks ? most : a.tasks;
+        parallel_for_work(a.workers, (size_t)N * NH * Tq * Tk * HD * 8, attention_back_worker, &a);
+    }
     arena_reset(scratch, mark);
 }
 

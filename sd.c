@@ -15,6 +15,12 @@
 // tensor name appears once in this file. LDM single files are read through one rename table
 // (diffusers name → LDM name), at the end of this file.
 //
+// Training (prompt refinement): unet_forward_train / clip_forward_train run the same code as the
+// inference forwards and keep, in a `saved` arena, what unet_backward / clip_backward read. The
+// backward computes activation gradients only, plus the gradients of the trainable tensors (attn2
+// LoRA factors or K/V weights, the added-token rows); frozen weights never get gradients, and
+// nothing flows into the time embedding or the VAE.
+//
 // Dimension letters: N batch, C channels, H W spatial, HW = H·W, T tokens, D context width,
 // NH heads, HD head size, G groups. Activations are NCHW; token sequences (N, T, C).
 // Left out: dropout (p = 0), attention masks for padding (SD passes none), other UNet variants.
@@ -264,8 +270,9 @@ static const float* load_tensor(Loader* L, const char* name, int ndim, ...) {
         char want[64] = "", got[64] = "";
         for (int i = 0; i < ndim; i++) snprintf(want + strlen(want), sizeof want - strlen(want), i ? ", %d" : "%d", dims[i]);
         for (int i = 0; i < e->ndim; i++) snprintf(got + strlen(got), sizeof got - strlen(got), i ? ", %lld" : "%lld", (long long)e->shape[i]);
-        check_fail(__FILE__, __LINE__, "%s: tensor '%s' has shape [%s], the config expects [%s] (wrong config for this file?)",
-                   L->st->path, key, got, want);
+        check_fail(__FILE__, __LINE__, "%s: tensor '%s' has shape [%s], the config expects [%s]%s",
+                   L->st->path, key, got, want, L->ldm ? ". Hint: for a single file that is not full-size SD 1.5, pass "
+                   "--config DIR (a diffusers folder with the matching config.json files)" : " (config.json does not match the weights)");
     }
     e->used++;
     return st_floats(L->st, e);
@@ -275,6 +282,7 @@ static void linear_load(Linear* l, Loader* L, const char* prefix, int in, int ou
     char n[512];
     l->in = in;
     l->out = out;
+    l->dw = NULL;
     NAMEF(n, "%s.weight", prefix);
     l->w = load_tensor(L, n, 2, out, in);
     l->b = NULL;
@@ -317,14 +325,49 @@ static void resblock_load(ResBlock* rb, Loader* L, const char* prefix, int in, i
     if (rb->has_shortcut) { NAMEF(n, "%s.conv_shortcut", prefix); conv_load(&rb->conv_shortcut, L, n, in, out, 1, 1, 0, 0); }
 }
 
-// out[N, out, H, W] = ResBlock(x[N, in, H, W], temb_act[N, time_dim] = silu(temb) or NULL)
-static void resblock_forward(const ResBlock* rb, float* out, const float* x, const float* temb_act,
-                             int N, int H, int W, Arena* scratch) {
+// Training: each block forward takes its saved struct (NULL at inference, when nothing is kept)
+// and the `saved` arena, and keeps exactly what its backward reads. Frozen linears and convs keep
+// nothing; norms keep their input and stats; attention keeps q, k, v, its output and the lse.
+// Memory (why no recomputation): for full-size SD 1.5 at 512² (64×64 latents) the saved arena
+// peaks at 1.0 GiB per sample (0.28 GiB at 256²), plus 0.16 GiB of scratch, most of it the GEGLU
+// projections and attention q/k/v/out of the 64×64 transformers. Block-level checkpointing would
+// cut that to the block inputs at the cost of a second forward, a third more time per step.
+
+typedef struct NormSaved { const float* x; float* mean; float* rstd; } NormSaved;   // input, stats
+typedef struct ResBlockSaved { NormSaved n1, n2; } ResBlockSaved;                  // n2.x = conv1 + temb
+typedef struct AttnSaved {
+    float *q, *k, *v, *o, *lse;   // projections, attention output (before to_out), lse [N, NH, Tq]
+    const float* ctx;             // the context (cross-attention; owned by the caller)
+    float *hk, *hv;               // LoRA rank-r intermediates ctx·downᵀ
+} AttnSaved;
+typedef struct BlockSaved { NormSaved n1, n2, n3; AttnSaved a1, a2; float* proj; } BlockSaved;
+typedef struct TransformerSaved { NormSaved norm; BlockSaved* blocks; } TransformerSaved;
+
+static void* saved_struct(Arena* saved, size_t bytes) {
+    return memset(arena_alloc(saved, (bytes + sizeof(float) - 1) / sizeof(float)), 0, bytes);
+}
+
+// A norm's saved record: x (copied when `copy`, since the caller updates it in place), stats.
+static NormSaved norm_keep(Arena* saved, const float* x, size_t n, size_t rows, int copy) {
+    NormSaved s = {x, arena_alloc(saved, rows), arena_alloc(saved, rows)};
+    if (copy) s.x = memcpy(arena_alloc(saved, n), x, n * sizeof(float));
+    return s;
+}
+
+// out[N, out, H, W] = ResBlock(x[N, in, H, W], temb_act[N, time_dim] = silu(temb) or NULL).
+// Saves x (by pointer: it must stay alive until backward), h = conv1(…) + temb, both norms' stats.
+static void resblock_forward(const ResBlock* rb, ResBlockSaved* sv, float* out, const float* x, const float* temb_act,
+                             int N, int H, int W, Arena* scratch, Arena* saved) {
     int in = rb->conv1.in, oc = rb->conv1.out, HW = H * W;
     size_t mark = arena_mark(scratch);
     float* a = arena_alloc(scratch, (size_t)N * (in > oc ? in : oc) * HW);
-    float* h = arena_alloc(scratch, (size_t)N * oc * HW);
-    groupnorm_forward(a, NULL, NULL, x, rb->norm1.w, rb->norm1.b, N, in, HW, rb->norm1.G, rb->norm1.eps, 1);
+    float* h = arena_alloc(sv ? saved : scratch, (size_t)N * oc * HW);
+    if (sv) {
+        sv->n1 = norm_keep(saved, x, 0, (size_t)N * rb->norm1.G, 0);
+        sv->n2 = norm_keep(saved, h, 0, (size_t)N * rb->norm2.G, 0);
+    }
+    groupnorm_forward(a, sv ? sv->n1.mean : NULL, sv ? sv->n1.rstd : NULL, x, rb->norm1.w, rb->norm1.b, N, in, HW,
+                      rb->norm1.G, rb->norm1.eps, 1);
     conv2d_forward(h, a, rb->conv1.w, rb->conv1.b, N, in, H, W, oc, 3, 1, 1, 1, scratch);
     if (rb->has_temb) {
         float* tp = arena_alloc(scratch, (size_t)N * oc);
@@ -335,14 +378,33 @@ static void resblock_forward(const ResBlock* rb, float* out, const float* x, con
                 for (int p = 0; p < HW; p++) hc[p] += tp[n * oc + c];
             }
     }
-    groupnorm_forward(a, NULL, NULL, h, rb->norm2.w, rb->norm2.b, N, oc, HW, rb->norm2.G, rb->norm2.eps, 1);
+    groupnorm_forward(a, sv ? sv->n2.mean : NULL, sv ? sv->n2.rstd : NULL, h, rb->norm2.w, rb->norm2.b, N, oc, HW,
+                      rb->norm2.G, rb->norm2.eps, 1);
     conv2d_forward(out, a, rb->conv2.w, rb->conv2.b, N, oc, H, W, oc, 3, 1, 1, 1, scratch);
     if (rb->has_shortcut) {
-        conv2d_forward(h, x, rb->conv_shortcut.w, rb->conv_shortcut.b, N, in, H, W, oc, 1, 1, 0, 0, scratch);
-        add_inplace(out, h, (size_t)N * oc * HW);
+        conv2d_forward(a, x, rb->conv_shortcut.w, rb->conv_shortcut.b, N, in, H, W, oc, 1, 1, 0, 0, scratch);
+        add_inplace(out, a, (size_t)N * oc * HW);
     } else {
         add_inplace(out, x, (size_t)N * oc * HW);
     }
+    arena_reset(scratch, mark);
+}
+
+// Reads n1 (x, stats), n2 (h, stats). out = conv2(silu(GN2(h))) + shortcut(x), h = conv1(silu(GN1(x))) + temb:
+// dx += shortcutᵀ(dout) + GN1ᵀ(silu'·conv1ᵀ(GN2ᵀ(silu'·conv2ᵀ(dout)))). No time-embedding gradient.
+static void resblock_backward(const ResBlock* rb, const ResBlockSaved* sv, float* dx, const float* dout,
+                              int N, int H, int W, Arena* scratch) {
+    int in = rb->conv1.in, oc = rb->conv1.out, HW = H * W;
+    size_t mark = arena_mark(scratch);
+    if (rb->has_shortcut) conv2d_backward_input(dx, dout, rb->conv_shortcut.w, N, in, H, W, oc, 1, 1, 0, 0, scratch);
+    else add_inplace(dx, dout, (size_t)N * oc * HW);
+    float* da = arena_zalloc(scratch, (size_t)N * (in > oc ? in : oc) * HW);
+    float* dh = arena_zalloc(scratch, (size_t)N * oc * HW);
+    conv2d_backward_input(da, dout, rb->conv2.w, N, oc, H, W, oc, 3, 1, 1, 1, scratch);
+    groupnorm_backward(dh, da, sv->n2.x, sv->n2.mean, sv->n2.rstd, rb->norm2.w, rb->norm2.b, N, oc, HW, rb->norm2.G, 1);
+    memset(da, 0, (size_t)N * in * HW * sizeof(float));
+    conv2d_backward_input(da, dh, rb->conv1.w, N, in, H, W, oc, 3, 1, 1, 1, scratch);
+    groupnorm_backward(dx, da, sv->n1.x, sv->n1.mean, sv->n1.rstd, rb->norm1.w, rb->norm1.b, N, in, HW, rb->norm1.G, 1);
     arena_reset(scratch, mark);
 }
 
@@ -361,22 +423,49 @@ static void attention_load(Attention* a, Loader* L, const char* prefix, int C, i
     a->lora_k = a->lora_v = NULL;
 }
 
-// out[N·Tq, C] = Attention(x[N·Tq, C], ctx[N·Tk, D])
-static void attn_forward(const Attention* a, float* out, const float* x, const float* ctx,
-                         int N, int Tq, int Tk, Arena* scratch) {
+// out[N·Tq, C] = Attention(x[N·Tq, C], ctx[N·Tk, D]); self-attention passes ctx == x.
+// Saves q, k, v, o, lse, the LoRA intermediates, and ctx by pointer (cross-attention only).
+static void attn_forward(const Attention* a, AttnSaved* sv, float* out, const float* x, const float* ctx,
+                         int N, int Tq, int Tk, Arena* scratch, Arena* saved) {
     int C = a->to_q.out, D = a->to_k.in;
     size_t mark = arena_mark(scratch);
-    float* q = arena_alloc(scratch, (size_t)N * Tq * C);
-    float* k = arena_alloc(scratch, (size_t)N * Tk * C);
-    float* v = arena_alloc(scratch, (size_t)N * Tk * C);
-    float* o = arena_alloc(scratch, (size_t)N * Tq * C);
+    Arena* keep = sv ? saved : scratch;
+    float* q = arena_alloc(keep, (size_t)N * Tq * C);
+    float* k = arena_alloc(keep, (size_t)N * Tk * C);
+    float* v = arena_alloc(keep, (size_t)N * Tk * C);
+    float* o = arena_alloc(keep, (size_t)N * Tq * C);
+    float* lse = sv ? arena_alloc(saved, (size_t)N * a->heads * Tq) : NULL;
     linear_forward(q, x, a->to_q.w, NULL, N * Tq, C, C);
     linear_forward(k, ctx, a->to_k.w, NULL, N * Tk, D, C);
     linear_forward(v, ctx, a->to_v.w, NULL, N * Tk, D, C);
-    if (a->lora_k) lora_forward(a->lora_k, k, ctx, N * Tk, scratch);
-    if (a->lora_v) lora_forward(a->lora_v, v, ctx, N * Tk, scratch);
-    attention_forward(o, NULL, q, k, v, N, Tq, Tk, a->heads, a->head_dim, C, C, C, C, 0, scratch);
+    if (sv) *sv = (AttnSaved){q, k, v, o, lse, ctx == x ? NULL : ctx, NULL, NULL};
+    if (a->lora_k && sv) lora_forward_save(a->lora_k, k, sv->hk = arena_alloc(saved, (size_t)N * Tk * a->lora_k->rank), ctx, N * Tk);
+    else if (a->lora_k) lora_forward(a->lora_k, k, ctx, N * Tk, scratch);
+    if (a->lora_v && sv) lora_forward_save(a->lora_v, v, sv->hv = arena_alloc(saved, (size_t)N * Tk * a->lora_v->rank), ctx, N * Tk);
+    else if (a->lora_v) lora_forward(a->lora_v, v, ctx, N * Tk, scratch);
+    attention_forward(o, lse, q, k, v, N, Tq, Tk, a->heads, a->head_dim, C, C, C, C, 0, scratch);
     linear_forward(out, o, a->to_out.w, a->to_out.b, N * Tq, C, C);
+    arena_reset(scratch, mark);
+}
+
+// dx[N·Tq, C] += ∂/∂x (NULL: not wanted), dctx[N·Tk, D] += ∂/∂ctx (NULL: not wanted; self-attention
+// passes dctx == dx); trainable K/V weights (to_k.dw) and LoRA factors get their gradients.
+static void attn_backward(const Attention* a, const AttnSaved* sv, float* dx, float* dctx, const float* dout,
+                          int N, int Tq, int Tk, Arena* scratch) {
+    int C = a->to_q.out, D = a->to_k.in;
+    size_t mark = arena_mark(scratch), Mq = (size_t)N * Tq, Mk = (size_t)N * Tk;
+    float* dO = arena_zalloc(scratch, Mq * C);
+    float* dq = dx ? arena_zalloc(scratch, Mq * C) : NULL;
+    float* dk = arena_zalloc(scratch, Mk * C);
+    float* dv = arena_zalloc(scratch, Mk * C);
+    linear_backward(dO, NULL, NULL, dout, NULL, a->to_out.w, (int)Mq, C, C);
+    attention_backward(dq, dk, dv, dO, sv->o, sv->lse, sv->q, sv->k, sv->v, N, Tq, Tk, a->heads, a->head_dim,
+                       C, C, C, C, 0, scratch);
+    if (dx) linear_backward(dx, NULL, NULL, dq, NULL, a->to_q.w, (int)Mq, C, C);
+    linear_backward(dctx, a->to_k.dw, NULL, dk, sv->ctx, a->to_k.w, (int)Mk, D, C);
+    linear_backward(dctx, a->to_v.dw, NULL, dv, sv->ctx, a->to_v.w, (int)Mk, D, C);
+    if (a->lora_k) lora_backward(a->lora_k, dctx, dk, sv->hk, sv->ctx, (int)Mk, scratch);
+    if (a->lora_v) lora_backward(a->lora_v, dctx, dv, sv->hv, sv->ctx, (int)Mk, scratch);
     arena_reset(scratch, mark);
 }
 
@@ -407,21 +496,26 @@ static void transformer_load(Transformer2D* t, Loader* L, const char* prefix, in
 }
 
 // h[M = N·T, C] updated in place by one BasicTransformerBlock; ctx [N·Tc, D].
-static void transformer_block_forward(const TransformerBlock* tb, float* h, const float* ctx,
-                                      int N, int T, int Tc, Arena* scratch) {
+// Saves each LayerNorm's input (a copy: h changes in place) and stats, both attentions, the GEGLU input.
+static void transformer_block_forward(const TransformerBlock* tb, BlockSaved* sv, float* h, const float* ctx,
+                                      int N, int T, int Tc, Arena* scratch, Arena* saved) {
     int C = tb->norm1.C, F = tb->ff_out.in;
     size_t M = (size_t)N * T, mark = arena_mark(scratch);
     float* nrm = arena_alloc(scratch, M * C);
     float* tmp = arena_alloc(scratch, M * C);
-    layernorm_forward(nrm, NULL, NULL, h, tb->norm1.w, tb->norm1.b, (int)M, C, tb->norm1.eps);
-    attn_forward(&tb->attn1, tmp, nrm, nrm, N, T, T, scratch);
+    if (sv) sv->n1 = norm_keep(saved, h, M * C, M, 1);
+    layernorm_forward(nrm, sv ? sv->n1.mean : NULL, sv ? sv->n1.rstd : NULL, h, tb->norm1.w, tb->norm1.b, (int)M, C, tb->norm1.eps);
+    attn_forward(&tb->attn1, sv ? &sv->a1 : NULL, tmp, nrm, nrm, N, T, T, scratch, saved);
     add_inplace(h, tmp, M * C);
-    layernorm_forward(nrm, NULL, NULL, h, tb->norm2.w, tb->norm2.b, (int)M, C, tb->norm2.eps);
-    attn_forward(&tb->attn2, tmp, nrm, ctx, N, T, Tc, scratch);
+    if (sv) sv->n2 = norm_keep(saved, h, M * C, M, 1);
+    layernorm_forward(nrm, sv ? sv->n2.mean : NULL, sv ? sv->n2.rstd : NULL, h, tb->norm2.w, tb->norm2.b, (int)M, C, tb->norm2.eps);
+    attn_forward(&tb->attn2, sv ? &sv->a2 : NULL, tmp, nrm, ctx, N, T, Tc, scratch, saved);
     add_inplace(h, tmp, M * C);
-    layernorm_forward(nrm, NULL, NULL, h, tb->norm3.w, tb->norm3.b, (int)M, C, tb->norm3.eps);
-    float* proj = arena_alloc(scratch, M * 2 * F);
+    if (sv) sv->n3 = norm_keep(saved, h, M * C, M, 1);
+    layernorm_forward(nrm, sv ? sv->n3.mean : NULL, sv ? sv->n3.rstd : NULL, h, tb->norm3.w, tb->norm3.b, (int)M, C, tb->norm3.eps);
+    float* proj = arena_alloc(sv ? saved : scratch, M * 2 * F);
     float* gated = arena_alloc(scratch, M * F);
+    if (sv) sv->proj = proj;
     linear_forward(proj, nrm, tb->ff_proj.w, tb->ff_proj.b, (int)M, C, 2 * F);
     geglu_forward(gated, proj, (int)M, F);
     linear_forward(tmp, gated, tb->ff_out.w, tb->ff_out.b, (int)M, F, C);
@@ -429,21 +523,73 @@ static void transformer_block_forward(const TransformerBlock* tb, float* h, cons
     arena_reset(scratch, mark);
 }
 
-// out[N, C, H, W] = Transformer2D(x[N, C, H, W], ctx[N, Tc, D])
-static void transformer_forward(const Transformer2D* t, float* out, const float* x, const float* ctx,
-                                int N, int H, int W, int Tc, Arena* scratch) {
+// dh[M, C]: in, ∂L/∂(block output); out, ∂L/∂(block input) when need_dx (else it stops after
+// attn2, whose K/V gradients are all that is wanted). dctx [N·Tc, D] += the context gradient.
+static void transformer_block_backward(const TransformerBlock* tb, const BlockSaved* sv, float* dh, float* dctx,
+                                       int N, int T, int Tc, int need_dx, Arena* scratch) {
+    int C = tb->norm1.C, F = tb->ff_out.in;
+    size_t M = (size_t)N * T, mark = arena_mark(scratch);
+    float* dg = arena_zalloc(scratch, M * F);
+    float* dproj = arena_zalloc(scratch, M * 2 * F);
+    float* dn = arena_zalloc(scratch, M * C);
+    linear_backward(dg, NULL, NULL, dh, NULL, tb->ff_out.w, (int)M, F, C);           // h += ff_out(geglu(proj))
+    geglu_backward(dproj, dg, sv->proj, (int)M, F);
+    linear_backward(dn, NULL, NULL, dproj, NULL, tb->ff_proj.w, (int)M, C, 2 * F);    // proj = ff_proj(LN3(h))
+    layernorm_backward(dh, dn, sv->n3.x, sv->n3.mean, sv->n3.rstd, tb->norm3.w, (int)M, C);
+    memset(dn, 0, M * C * sizeof(float));
+    attn_backward(&tb->attn2, &sv->a2, need_dx ? dn : NULL, dctx, dh, N, T, Tc, scratch);   // h += attn2(LN2(h), ctx)
+    if (need_dx) {
+        layernorm_backward(dh, dn, sv->n2.x, sv->n2.mean, sv->n2.rstd, tb->norm2.w, (int)M, C);
+        memset(dn, 0, M * C * sizeof(float));
+        attn_backward(&tb->attn1, &sv->a1, dn, dn, dh, N, T, T, scratch);               // h += attn1(LN1(h))
+        layernorm_backward(dh, dn, sv->n1.x, sv->n1.mean, sv->n1.rstd, tb->norm1.w, (int)M, C);
+    }
+    arena_reset(scratch, mark);
+}
+
+// out[N, C, H, W] = Transformer2D(x[N, C, H, W], ctx[N, Tc, D]); out may alias x.
+// Saves a copy of x (the GroupNorm input) with its stats, and every block's record.
+static void transformer_forward(const Transformer2D* t, TransformerSaved* sv, float* out, const float* x, const float* ctx,
+                                int N, int H, int W, int Tc, Arena* scratch, Arena* saved) {
     int C = t->C, HW = H * W;
     size_t M = (size_t)N * HW, mark = arena_mark(scratch);
     float* a = arena_alloc(scratch, M * C);
     float* tok = arena_alloc(scratch, M * C);
     float* h = arena_alloc(scratch, M * C);
-    groupnorm_forward(a, NULL, NULL, x, t->norm.w, t->norm.b, N, C, HW, t->norm.G, t->norm.eps, 0);
+    if (sv) {
+        sv->norm = norm_keep(saved, x, M * C, (size_t)N * t->norm.G, 1);
+        sv->blocks = saved_struct(saved, (size_t)t->nblocks * sizeof(BlockSaved));
+    }
+    groupnorm_forward(a, sv ? sv->norm.mean : NULL, sv ? sv->norm.rstd : NULL, x, t->norm.w, t->norm.b, N, C, HW,
+                      t->norm.G, t->norm.eps, 0);
     nchw_to_nhwc(tok, a, N, C, HW);
     linear_forward(h, tok, t->proj_in.w, t->proj_in.b, (int)M, C, C);
-    for (int b = 0; b < t->nblocks; b++) transformer_block_forward(&t->blocks[b], h, ctx, N, HW, Tc, scratch);
+    for (int b = 0; b < t->nblocks; b++)
+        transformer_block_forward(&t->blocks[b], sv ? &sv->blocks[b] : NULL, h, ctx, N, HW, Tc, scratch, saved);
     linear_forward(tok, h, t->proj_out.w, t->proj_out.b, (int)M, C, C);
     nhwc_to_nchw(a, tok, N, C, HW);
     for (size_t i = 0; i < M * C; i++) out[i] = x[i] + a[i];   // out may alias x
+    arena_reset(scratch, mark);
+}
+
+// dx[N, C, H, W]: in, ∂L/∂out; out, ∂L/∂x (in place: the residual passes dout through). With
+// need_dx = 0 (nothing upstream is trainable) it stops inside the first block, after attn2.
+static void transformer_backward(const Transformer2D* t, const TransformerSaved* sv, float* dx, float* dctx,
+                                 int N, int H, int W, int Tc, int need_dx, Arena* scratch) {
+    int C = t->C, HW = H * W;
+    size_t M = (size_t)N * HW, mark = arena_mark(scratch);
+    float* tok = arena_zalloc(scratch, M * C);
+    float* dh = arena_zalloc(scratch, M * C);
+    nchw_to_nhwc(tok, dx, N, C, HW);
+    linear_backward(dh, NULL, NULL, tok, NULL, t->proj_out.w, (int)M, C, C);
+    for (int b = t->nblocks - 1; b >= 0; b--)
+        transformer_block_backward(&t->blocks[b], &sv->blocks[b], dh, dctx, N, HW, Tc, need_dx || b > 0, scratch);
+    if (need_dx) {
+        memset(tok, 0, M * C * sizeof(float));
+        linear_backward(tok, NULL, NULL, dh, NULL, t->proj_in.w, (int)M, C, C);
+        nhwc_to_nchw(dh, tok, N, C, HW);
+        groupnorm_backward(dx, dh, sv->norm.x, sv->norm.mean, sv->norm.rstd, t->norm.w, t->norm.b, N, C, HW, t->norm.G, 0);
+    }
     arena_reset(scratch, mark);
 }
 
@@ -519,31 +665,76 @@ static void unet_free(UNet* u) {
     free(u->mid.attn[0].blocks);
 }
 
+// Appends the attn2 of every block of t under "<prefix>.transformer_blocks.<b>.attn2".
+static int cross_attentions_of(Transformer2D* t, const char* prefix, Attention** out, char (*paths)[128], int n, int cap) {
+    for (int b = 0; b < t->nblocks; b++, n++)
+        if (n < cap) {
+            out[n] = &t->blocks[b].attn2;
+            NAMEF(paths[n], "%s.transformer_blocks.%d.attn2", prefix, b);
+        }
+    return n;
+}
+
+int unet_cross_attentions(UNet* u, Attention** out, char (*paths)[128], int cap) {
+    int n = 0;
+    char p[96];
+    for (int i = 0; i < u->cfg.levels; i++)
+        for (int j = 0; u->down[i].has_attn && j < u->down[i].nres; j++) {
+            NAMEF(p, "down_blocks.%d.attentions.%d", i, j);
+            n = cross_attentions_of(&u->down[i].attn[j], p, out, paths, n, cap);
+        }
+    n = cross_attentions_of(&u->mid.attn[0], "mid_block.attentions.0", out, paths, n, cap);
+    for (int i = 0; i < u->cfg.levels; i++)
+        for (int j = 0; u->up[i].has_attn && j < u->up[i].nres; j++) {
+            NAMEF(p, "up_blocks.%d.attentions.%d", i, j);
+            n = cross_attentions_of(&u->up[i].attn[j], p, out, paths, n, cap);
+        }
+    return n;
+}
+
 static void tap(const UNet* u, const char* name, const float* x, int N, int C, int H, int W) {
     if (u->tap) u->tap(u->tap_ctx, name, x, N, C, H, W);
 }
 
 // A skip tensor saved on the way down: [N, C, H, W].
 typedef struct Skip { float* x; int C, H, W; } Skip;
+#define UNET_MAX_SKIPS (SD_MAX_LEVELS * (SD_MAX_LAYERS + 1) + 1)
+
+// What unet_backward reads: per level, each resnet's and transformer's record and the level's size.
+typedef struct LevelSaved {
+    ResBlockSaved res[SD_MAX_LAYERS];
+    TransformerSaved attn[SD_MAX_LAYERS];
+    int H, W;                  // size of the level's resnets (up levels: before up-sampling)
+} LevelSaved;
+struct UNetSaved {
+    int N, H, W, Tc, ns;
+    Skip skips[UNET_MAX_SKIPS];
+    LevelSaved down[SD_MAX_LEVELS], mid, up[SD_MAX_LEVELS];
+    NormSaved out;             // conv_norm_out's input and stats
+};
 
 // The down path: fills skips (conv_in output, then every resnet/transformer output and every
-// downsampler output), returns the final hidden state in *h with its size.
-static int unet_down(const UNet* u, Skip* skips, float** h, int* H, int* W, const float* temb_act,
-                     const float* ctx, int N, int Tc, Arena* scratch) {
+// downsampler output), returns the final hidden state in *h with its size. Training (sv non-NULL)
+// allocates the hidden states in `saved`, where the blocks' records point.
+static int unet_down(const UNet* u, UNetSaved* sv, Skip* skips, float** h, int* H, int* W, const float* temb_act,
+                     const float* ctx, int N, int Tc, Arena* scratch, Arena* saved) {
+    Arena* act = sv ? saved : scratch;
     int ns = 0;
     skips[ns++] = (Skip){*h, u->cfg.block_out[0], *H, *W};
     for (int i = 0; i < u->cfg.levels; i++) {
         const Level* lv = &u->down[i];
+        LevelSaved* ls = sv ? &sv->down[i] : NULL;
+        if (ls) { ls->H = *H; ls->W = *W; }
         for (int j = 0; j < lv->nres; j++) {
-            float* o = arena_alloc(scratch, (size_t)N * lv->out * *H * *W);
-            resblock_forward(&lv->res[j], o, *h, temb_act, N, *H, *W, scratch);
-            if (lv->has_attn) transformer_forward(&lv->attn[j], o, o, ctx, N, *H, *W, Tc, scratch);
+            float* o = arena_alloc(act, (size_t)N * lv->out * *H * *W);
+            resblock_forward(&lv->res[j], ls ? &ls->res[j] : NULL, o, *h, temb_act, N, *H, *W, scratch, saved);
+            if (lv->has_attn) transformer_forward(&lv->attn[j], ls ? &ls->attn[j] : NULL, o, o, ctx, N, *H, *W, Tc, scratch, saved);
             *h = o;
             skips[ns++] = (Skip){o, lv->out, *H, *W};
         }
         if (lv->has_sampler) {
             int Ho = unet_down_size(*H), Wo = unet_down_size(*W);
-            float* o = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
+            float* o = arena_alloc(act, (size_t)N * lv->out * Ho * Wo);
             conv2d_forward(o, *h, lv->sampler.w, lv->sampler.b, N, lv->out, *H, *W, lv->out, 3, 2, 1, 1, scratch);
             *h = o; *H = Ho; *W = Wo;
             skips[ns++] = (Skip){o, lv->out, *H, *W};
@@ -563,10 +754,12 @@ static void concat_channels(float* cat, const float* a, const float* b, int N, i
     }
 }
 
-void unet_forward(const UNet* u, float* eps, const float* x, const float* t, const float* context,
-                  int N, int H, int W, int Tc, Arena* scratch) {
+// The UNet forward for inference (sv = NULL) and training (sv non-NULL: records in `saved`).
+static void unet_run(const UNet* u, UNetSaved* sv, float* eps, const float* x, const float* t, const float* context,
+                     int N, int H, int W, int Tc, Arena* scratch, Arena* saved) {
     const UNetConfig* c = &u->cfg;
     int C0 = c->block_out[0], td = c->time_dim, H0 = H, W0 = W;
+    Arena* act = sv ? saved : scratch;
     size_t mark = arena_mark(scratch);
     // time embedding: sinusoidal → linear_1 → SiLU → linear_2; resnets use silu(temb)
     float* tproj = arena_alloc(scratch, (size_t)N * C0);
@@ -581,30 +774,35 @@ void unet_forward(const UNet* u, float* eps, const float* x, const float* t, con
     silu_forward(t1, temb, (size_t)N * td);
     const float* temb_act = t1;
 
-    float* h = arena_alloc(scratch, (size_t)N * C0 * H * W);
+    float* h = arena_alloc(act, (size_t)N * C0 * H * W);
     conv2d_forward(h, x, u->conv_in.w, u->conv_in.b, N, c->in_channels, H, W, C0, 3, 1, 1, 1, scratch);
     tap(u, "conv_in", h, N, C0, H, W);
-    Skip skips[SD_MAX_LEVELS * (SD_MAX_LAYERS + 1) + 1];
-    int ns = unet_down(u, skips, &h, &H, &W, temb_act, context, N, Tc, scratch);
+    Skip local[UNET_MAX_SKIPS];
+    Skip* skips = sv ? sv->skips : local;
+    int ns = unet_down(u, sv, skips, &h, &H, &W, temb_act, context, N, Tc, scratch, saved);
+    if (sv) { sv->ns = ns; sv->mid.H = H; sv->mid.W = W; }
 
     int top = u->mid.out;
-    float* m = arena_alloc(scratch, (size_t)N * top * H * W);
-    resblock_forward(&u->mid.res[0], m, h, temb_act, N, H, W, scratch);
-    transformer_forward(&u->mid.attn[0], m, m, context, N, H, W, Tc, scratch);
-    h = arena_alloc(scratch, (size_t)N * top * H * W);
-    resblock_forward(&u->mid.res[1], h, m, temb_act, N, H, W, scratch);
+    LevelSaved* ms = sv ? &sv->mid : NULL;
+    float* m = arena_alloc(act, (size_t)N * top * H * W);
+    resblock_forward(&u->mid.res[0], ms ? &ms->res[0] : NULL, m, h, temb_act, N, H, W, scratch, saved);
+    transformer_forward(&u->mid.attn[0], ms ? &ms->attn[0] : NULL, m, m, context, N, H, W, Tc, scratch, saved);
+    h = arena_alloc(act, (size_t)N * top * H * W);
+    resblock_forward(&u->mid.res[1], ms ? &ms->res[1] : NULL, h, m, temb_act, N, H, W, scratch, saved);
     tap(u, "mid_block", h, N, top, H, W);
 
     int Ch = top;
     for (int i = 0; i < c->levels; i++) {
         const Level* lv = &u->up[i];
+        LevelSaved* ls = sv ? &sv->up[i] : NULL;
+        if (ls) { ls->H = H; ls->W = W; }
         for (int j = 0; j < lv->nres; j++) {
             Skip s = skips[--ns];
-            float* cat = arena_alloc(scratch, (size_t)N * (Ch + s.C) * H * W);
+            float* cat = arena_alloc(act, (size_t)N * (Ch + s.C) * H * W);
             concat_channels(cat, h, s.x, N, Ch, s.C, H * W);
-            float* o = arena_alloc(scratch, (size_t)N * lv->out * H * W);
-            resblock_forward(&lv->res[j], o, cat, temb_act, N, H, W, scratch);
-            if (lv->has_attn) transformer_forward(&lv->attn[j], o, o, context, N, H, W, Tc, scratch);
+            float* o = arena_alloc(act, (size_t)N * lv->out * H * W);
+            resblock_forward(&lv->res[j], ls ? &ls->res[j] : NULL, o, cat, temb_act, N, H, W, scratch, saved);
+            if (lv->has_attn) transformer_forward(&lv->attn[j], ls ? &ls->attn[j] : NULL, o, o, context, N, H, W, Tc, scratch, saved);
             h = o;
             Ch = lv->out;
         }
@@ -613,7 +811,7 @@ void unet_forward(const UNet* u, float* eps, const float* x, const float* t, con
             float* up = arena_alloc(scratch, (size_t)N * Ch * Ho * Wo);
             upsample_nearest_forward(up, h, N, Ch, H, W, Ho, Wo);
             H = Ho; W = Wo;
-            h = arena_alloc(scratch, (size_t)N * Ch * H * W);
+            h = arena_alloc(act, (size_t)N * Ch * H * W);
             conv2d_forward(h, up, lv->sampler.w, lv->sampler.b, N, Ch, H, W, Ch, 3, 1, 1, 1, scratch);
         }
         char name[32];
@@ -622,8 +820,128 @@ void unet_forward(const UNet* u, float* eps, const float* x, const float* t, con
     }
     CHECK(H == H0 && W == W0 && ns == 0, "internal: UNet up path ended at %dx%d", H, W);
     float* a = arena_alloc(scratch, (size_t)N * C0 * H * W);
-    groupnorm_forward(a, NULL, NULL, h, u->norm_out.w, u->norm_out.b, N, C0, H * W, u->norm_out.G, u->norm_out.eps, 1);
+    if (sv) sv->out = norm_keep(saved, h, 0, (size_t)N * u->norm_out.G, 0);
+    groupnorm_forward(a, sv ? sv->out.mean : NULL, sv ? sv->out.rstd : NULL, h, u->norm_out.w, u->norm_out.b, N, C0,
+                      H * W, u->norm_out.G, u->norm_out.eps, 1);
     conv2d_forward(eps, a, u->conv_out.w, u->conv_out.b, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+    arena_reset(scratch, mark);
+}
+
+void unet_forward(const UNet* u, float* eps, const float* x, const float* t, const float* context,
+                  int N, int H, int W, int Tc, Arena* scratch) {
+    unet_run(u, NULL, eps, x, t, context, N, H, W, Tc, scratch, NULL);
+}
+
+UNetSaved* unet_forward_train(const UNet* u, float* eps, const float* x, const float* t, const float* context,
+                              int N, int H, int W, int Tc, Arena* scratch, Arena* saved) {
+    UNetSaved* sv = saved_struct(saved, sizeof(UNetSaved));
+    *sv = (UNetSaved){.N = N, .H = H, .W = W, .Tc = Tc};
+    unet_run(u, sv, eps, x, t, context, N, H, W, Tc, scratch, saved);
+    return sv;
+}
+
+// Does this transformer hold anything trainable (LoRA / K/V weights on attn2, or the context)?
+static int transformer_trainable(const Transformer2D* t, const float* dctx) {
+    int any = dctx != NULL;
+    for (int b = 0; b < t->nblocks; b++) {
+        const Attention* a = &t->blocks[b].attn2;
+        any |= a->lora_k || a->lora_v || a->to_k.dw || a->to_v.dw;
+    }
+    return any;
+}
+
+// The up path read bottom-up: dh (∂L/∂ up output, [N, C0, H, W]) is carried to the mid block's
+// output; each concatenation's gradient is split, its skip half added to dskip[s].
+static float* unet_backward_up(const UNet* u, const UNetSaved* sv, float* dh, float* spare, float** dskip,
+                               float* dctx, Arena* scratch) {
+    int N = sv->N, Tc = sv->Tc, s = 0, H = sv->H, W = sv->W;
+    for (int i = u->cfg.levels - 1; i >= 0; i--) {
+        const Level* lv = &u->up[i];
+        const LevelSaved* ls = &sv->up[i];
+        int Ch = lv->out;
+        size_t mark = arena_mark(scratch);
+        if (lv->has_sampler) {   // h' = conv(upsample(h)): conv transpose, then sum over the copies
+            float* dup = arena_zalloc(scratch, (size_t)N * Ch * H * W);
+            conv2d_backward_input(dup, dh, lv->sampler.w, N, Ch, H, W, Ch, 3, 1, 1, 1, scratch);
+            memset(spare, 0, (size_t)N * Ch * ls->H * ls->W * sizeof(float));
+            upsample_nearest_backward(spare, dup, N, Ch, ls->H, ls->W, H, W);
+            float* t = dh; dh = spare; spare = t;
+        }
+        arena_reset(scratch, mark);
+        H = ls->H; W = ls->W;
+        for (int j = lv->nres - 1; j >= 0; j--, s++) {
+            if (lv->has_attn) transformer_backward(&lv->attn[j], &ls->attn[j], dh, dctx, N, H, W, Tc, 1, scratch);
+            const Skip* sk = &sv->skips[s];
+            int Cin = lv->res[j].conv1.in - sk->C, HW = H * W;   // h = [h_prev, skip] along channels
+            float* dcat = arena_zalloc(scratch, (size_t)N * (Cin + sk->C) * HW);
+            resblock_backward(&lv->res[j], &ls->res[j], dcat, dh, N, H, W, scratch);
+            for (int n = 0; n < N; n++) {
+                const float* d = dcat + (size_t)n * (Cin + sk->C) * HW;
+                memcpy(spare + (size_t)n * Cin * HW, d, (size_t)Cin * HW * sizeof(float));
+                add_inplace(dskip[s] + (size_t)n * sk->C * HW, d + (size_t)Cin * HW, (size_t)sk->C * HW);
+            }
+            float* t = dh; dh = spare; spare = t;
+            arena_reset(scratch, mark);
+        }
+    }
+    return dh;
+}
+
+// unet_forward read bottom-up from deps [N, out, H, W]. dcontext [N, Tc, D] += ∂L/∂context
+// (NULL: not wanted), summed over every cross-attention; LoRA / K/V gradients accumulate through
+// attn2's pointers. No time-embedding gradient; the down path stops at the first transformer that
+// holds anything trainable (in SD 1.5: conv_in and down_blocks.0.resnets.0 are never reached).
+void unet_backward(const UNet* u, const UNetSaved* sv, float* dcontext, const float* deps, Arena* scratch) {
+    const UNetConfig* c = &u->cfg;
+    int N = sv->N, H = sv->H, W = sv->W, Tc = sv->Tc, C0 = c->block_out[0], ns = sv->ns;
+    size_t mark = arena_mark(scratch), most = 0;
+    float* dskip[UNET_MAX_SKIPS];
+    for (int s = 0; s < ns; s++) {
+        const Skip* k = &sv->skips[s];
+        dskip[s] = arena_zalloc(scratch, (size_t)N * k->C * k->H * k->W);
+        for (int i = 0; i < c->levels; i++) {
+            size_t n = (size_t)N * c->block_out[i] * k->H * k->W;
+            most = n > most ? n : most;
+        }
+    }
+    float* dh = arena_zalloc(scratch, most);
+    float* spare = arena_zalloc(scratch, most);
+    {   // eps = conv_out(silu(GN_out(h)))
+        size_t m2 = arena_mark(scratch);
+        float* da = arena_zalloc(scratch, (size_t)N * C0 * H * W);
+        conv2d_backward_input(da, deps, u->conv_out.w, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+        groupnorm_backward(dh, da, sv->out.x, sv->out.mean, sv->out.rstd, u->norm_out.w, u->norm_out.b, N, C0, H * W,
+                           u->norm_out.G, 1);
+        arena_reset(scratch, m2);
+    }
+    dh = unet_backward_up(u, sv, dh, spare, dskip, dcontext, scratch);
+    // mid: h = res1(attn(res0(x)))
+    const LevelSaved* ms = &sv->mid;
+    int top = u->mid.out, Hm = ms->H, Wm = ms->W;
+    float* d2 = arena_zalloc(scratch, (size_t)N * top * Hm * Wm);
+    resblock_backward(&u->mid.res[1], &ms->res[1], d2, dh, N, Hm, Wm, scratch);
+    transformer_backward(&u->mid.attn[0], &ms->attn[0], d2, dcontext, N, Hm, Wm, Tc, 1, scratch);
+    resblock_backward(&u->mid.res[0], &ms->res[0], dskip[ns - 1], d2, N, Hm, Wm, scratch);
+    // down: skip b = block_b(skip b−1), so block b's input gradient is added to dskip[b−1].
+    int first = ns, b = 1;   // skip index of the first down block whose transformer is trainable
+    for (int i = 0; i < c->levels && first == ns; i++) {
+        for (int j = 0; j < u->down[i].nres && first == ns; j++, b++)
+            if (u->down[i].has_attn && transformer_trainable(&u->down[i].attn[j], dcontext)) first = b;
+        b += u->down[i].has_sampler;
+    }
+    b = ns - 1;
+    for (int i = c->levels - 1; i >= 0 && b >= first; i--) {
+        const Level* lv = &u->down[i];
+        const LevelSaved* ls = &sv->down[i];
+        if (lv->has_sampler) {
+            conv2d_backward_input(dskip[b - 1], dskip[b], lv->sampler.w, N, lv->out, ls->H, ls->W, lv->out, 3, 2, 1, 1, scratch);
+            b--;
+        }
+        for (int j = lv->nres - 1; j >= 0 && b >= first; j--, b--) {
+            if (lv->has_attn) transformer_backward(&lv->attn[j], &ls->attn[j], dskip[b], dcontext, N, ls->H, ls->W, Tc, b > first, scratch);
+            if (b > first) resblock_backward(&lv->res[j], &ls->res[j], dskip[b - 1], dskip[b], N, ls->H, ls->W, scratch);
+        }
+    }
     arena_reset(scratch, mark);
 }
 
@@ -677,9 +995,9 @@ static void vae_mid_forward(const ResBlock* res, const VaeAttention* attn, float
     int C = res[0].conv1.in;
     size_t mark = arena_mark(scratch);
     float* t = arena_alloc(scratch, (size_t)N * C * H * W);
-    resblock_forward(&res[0], t, x, NULL, N, H, W, scratch);
+    resblock_forward(&res[0], NULL, t, x, NULL, N, H, W, scratch, NULL);
     vae_attention_forward(attn, t, N, H, W, scratch);
-    resblock_forward(&res[1], out, t, NULL, N, H, W, scratch);
+    resblock_forward(&res[1], NULL, out, t, NULL, N, H, W, scratch, NULL);
     arena_reset(scratch, mark);
 }
 
@@ -733,7 +1051,7 @@ static void vae_load(Vae* v, Loader* L) {
 static float* level_resnets(const Level* lv, float* h, int N, int H, int W, Arena* scratch) {
     for (int j = 0; j < lv->nres; j++) {
         float* o = arena_alloc(scratch, (size_t)N * lv->out * H * W);
-        resblock_forward(&lv->res[j], o, h, NULL, N, H, W, scratch);
+        resblock_forward(&lv->res[j], NULL, o, h, NULL, N, H, W, scratch, NULL);
         h = o;
     }
     return h;
@@ -842,32 +1160,75 @@ static void clip_load(ClipTextModel* m, Loader* L) {
     norm_load(&m->final_ln, L, "text_model.final_layer_norm", Hd, 0, c->eps);
 }
 
+// What a CLIP layer's backward reads: both LayerNorms' inputs (copies) and stats, q, k, v, the
+// attention output and lse, and fc1's output before the activation.
+typedef struct ClipLayerSaved { NormSaved ln1, ln2; float *q, *k, *v, *o, *lse, *pre; } ClipLayerSaved;
+struct ClipSaved { int N, T; int* ids; ClipLayerSaved* layers; NormSaved final; };
+
 // x[M, H] += out_proj(causal_attention(q, k, v)) with q, k, v = proj(LN1(x)); then the MLP.
-static void clip_layer_forward(const ClipLayer* y, const ClipConfig* c, float* x, int N, int T, Arena* scratch) {
+static void clip_layer_forward(const ClipLayer* y, const ClipConfig* c, ClipLayerSaved* sv, float* x, int N, int T,
+                               Arena* scratch, Arena* saved) {
     int Hd = c->hidden, I = c->intermediate;
     size_t M = (size_t)N * T, mark = arena_mark(scratch);
+    Arena* keep = sv ? saved : scratch;
     float* a = arena_alloc(scratch, M * Hd);
-    float* q = arena_alloc(scratch, M * Hd);
-    float* k = arena_alloc(scratch, M * Hd);
-    float* v = arena_alloc(scratch, M * Hd);
+    float* t = arena_alloc(scratch, M * Hd);
+    float* q = arena_alloc(keep, M * Hd);
+    float* k = arena_alloc(keep, M * Hd);
+    float* v = arena_alloc(keep, M * Hd);
+    float* o = sv ? arena_alloc(saved, M * Hd) : a;
     float* f = arena_alloc(scratch, M * I);
-    layernorm_forward(a, NULL, NULL, x, y->ln1.w, y->ln1.b, (int)M, Hd, y->ln1.eps);
+    float* pre = sv ? arena_alloc(saved, M * I) : f;
+    if (sv) {
+        *sv = (ClipLayerSaved){norm_keep(saved, x, M * Hd, M, 1), {0}, q, k, v, o, arena_alloc(saved, M * c->heads), pre};
+    }
+    layernorm_forward(a, sv ? sv->ln1.mean : NULL, sv ? sv->ln1.rstd : NULL, x, y->ln1.w, y->ln1.b, (int)M, Hd, y->ln1.eps);
     linear_forward(q, a, y->q.w, y->q.b, (int)M, Hd, Hd);
     linear_forward(k, a, y->k.w, y->k.b, (int)M, Hd, Hd);
     linear_forward(v, a, y->v.w, y->v.b, (int)M, Hd, Hd);
-    attention_forward(a, NULL, q, k, v, N, T, T, c->heads, Hd / c->heads, Hd, Hd, Hd, Hd, 1, scratch);
-    linear_forward(q, a, y->o.w, y->o.b, (int)M, Hd, Hd);
-    add_inplace(x, q, M * Hd);
-    layernorm_forward(a, NULL, NULL, x, y->ln2.w, y->ln2.b, (int)M, Hd, y->ln2.eps);
-    linear_forward(f, a, y->fc1.w, y->fc1.b, (int)M, Hd, I);
-    if (c->quick_gelu) quick_gelu_forward(f, f, M * I);
-    else gelu_forward(f, f, M * I);
-    linear_forward(q, f, y->fc2.w, y->fc2.b, (int)M, I, Hd);
-    add_inplace(x, q, M * Hd);
+    attention_forward(o, sv ? sv->lse : NULL, q, k, v, N, T, T, c->heads, Hd / c->heads, Hd, Hd, Hd, Hd, 1, scratch);
+    linear_forward(t, o, y->o.w, y->o.b, (int)M, Hd, Hd);
+    add_inplace(x, t, M * Hd);
+    if (sv) sv->ln2 = norm_keep(saved, x, M * Hd, M, 1);
+    layernorm_forward(a, sv ? sv->ln2.mean : NULL, sv ? sv->ln2.rstd : NULL, x, y->ln2.w, y->ln2.b, (int)M, Hd, y->ln2.eps);
+    linear_forward(pre, a, y->fc1.w, y->fc1.b, (int)M, Hd, I);
+    if (c->quick_gelu) quick_gelu_forward(f, pre, M * I);
+    else gelu_forward(f, pre, M * I);
+    linear_forward(t, f, y->fc2.w, y->fc2.b, (int)M, I, Hd);
+    add_inplace(x, t, M * Hd);
     arena_reset(scratch, mark);
 }
 
-void clip_forward(const ClipTextModel* m, float* hidden, const int* ids, int N, int T, Arena* scratch) {
+// dx[M, H]: in, ∂L/∂(layer output); out, ∂L/∂(layer input) (both residuals pass dx through).
+static void clip_layer_backward(const ClipLayer* y, const ClipConfig* c, const ClipLayerSaved* sv, float* dx,
+                                int N, int T, Arena* scratch) {
+    int Hd = c->hidden, I = c->intermediate;
+    size_t M = (size_t)N * T, mark = arena_mark(scratch);
+    float* df = arena_zalloc(scratch, M * I);
+    float* dpre = arena_zalloc(scratch, M * I);
+    float* dn = arena_zalloc(scratch, M * Hd);
+    linear_backward(df, NULL, NULL, dx, NULL, y->fc2.w, (int)M, I, Hd);      // x += fc2(act(fc1(LN2(x))))
+    if (c->quick_gelu) quick_gelu_backward(dpre, df, sv->pre, M * I);
+    else gelu_backward(dpre, df, sv->pre, M * I);
+    linear_backward(dn, NULL, NULL, dpre, NULL, y->fc1.w, (int)M, Hd, I);
+    layernorm_backward(dx, dn, sv->ln2.x, sv->ln2.mean, sv->ln2.rstd, y->ln2.w, (int)M, Hd);
+    float* dO = arena_zalloc(scratch, M * Hd);                                 // x += o(attention(q, k, v))
+    float* dq = arena_zalloc(scratch, M * Hd);
+    float* dk = arena_zalloc(scratch, M * Hd);
+    float* dv = arena_zalloc(scratch, M * Hd);
+    linear_backward(dO, NULL, NULL, dx, NULL, y->o.w, (int)M, Hd, Hd);
+    attention_backward(dq, dk, dv, dO, sv->o, sv->lse, sv->q, sv->k, sv->v, N, T, T, c->heads, Hd / c->heads,
+                       Hd, Hd, Hd, Hd, 1, scratch);
+    memset(dn, 0, M * Hd * sizeof(float));
+    linear_backward(dn, NULL, NULL, dq, NULL, y->q.w, (int)M, Hd, Hd);         // q, k, v = proj(LN1(x))
+    linear_backward(dn, NULL, NULL, dk, NULL, y->k.w, (int)M, Hd, Hd);
+    linear_backward(dn, NULL, NULL, dv, NULL, y->v.w, (int)M, Hd, Hd);
+    layernorm_backward(dx, dn, sv->ln1.x, sv->ln1.mean, sv->ln1.rstd, y->ln1.w, (int)M, Hd);
+    arena_reset(scratch, mark);
+}
+
+static void clip_run(const ClipTextModel* m, ClipSaved* sv, float* hidden, const int* ids, int N, int T,
+                     Arena* scratch, Arena* saved) {
     const ClipConfig* c = &m->cfg;
     int Hd = c->hidden;
     CHECK(T <= c->max_positions, "text encoder: %d tokens exceed the %d positions", T, c->max_positions);
@@ -881,8 +1242,40 @@ void clip_forward(const ClipTextModel* m, float* hidden, const int* ids, int N, 
         const float* p = m->position_embedding + (size_t)(i % T) * Hd;
         for (int d = 0; d < Hd; d++) x[(size_t)i * Hd + d] = e[d] + p[d];
     }
-    for (int l = 0; l < c->layers; l++) clip_layer_forward(&m->layers[l], c, x, N, T, scratch);
-    layernorm_forward(hidden, NULL, NULL, x, m->final_ln.w, m->final_ln.b, N * T, Hd, m->final_ln.eps);
+    for (int l = 0; l < c->layers; l++) clip_layer_forward(&m->layers[l], c, sv ? &sv->layers[l] : NULL, x, N, T, scratch, saved);
+    if (sv) sv->final = norm_keep(saved, x, (size_t)N * T * Hd, (size_t)N * T, 1);
+    layernorm_forward(hidden, sv ? sv->final.mean : NULL, sv ? sv->final.rstd : NULL, x, m->final_ln.w, m->final_ln.b,
+                      N * T, Hd, m->final_ln.eps);
+    arena_reset(scratch, mark);
+}
+
+void clip_forward(const ClipTextModel* m, float* hidden, const int* ids, int N, int T, Arena* scratch) {
+    clip_run(m, NULL, hidden, ids, N, T, scratch, NULL);
+}
+
+ClipSaved* clip_forward_train(const ClipTextModel* m, float* hidden, const int* ids, int N, int T, Arena* scratch,
+                              Arena* saved) {
+    ClipSaved* sv = saved_struct(saved, sizeof(ClipSaved));
+    sv->N = N;
+    sv->T = T;
+    sv->ids = memcpy(saved_struct(saved, (size_t)N * T * sizeof(int)), ids, (size_t)N * T * sizeof(int));
+    sv->layers = saved_struct(saved, (size_t)m->cfg.layers * sizeof(ClipLayerSaved));
+    clip_run(m, sv, hidden, ids, N, T, scratch, saved);
+    return sv;
+}
+
+// dadded[n_added, H] += ∂L/∂(added-token rows) from dhidden [N, T, H]: through the final LayerNorm
+// and every layer down to the embedding lookup, where only rows of added ids are accumulated (the
+// vocabulary and the position embeddings are frozen).
+void clip_backward(const ClipTextModel* m, const ClipSaved* sv, float* dadded, const float* dhidden, Arena* scratch) {
+    const ClipConfig* c = &m->cfg;
+    int Hd = c->hidden, M = sv->N * sv->T;
+    size_t mark = arena_mark(scratch);
+    float* dx = arena_zalloc(scratch, (size_t)M * Hd);
+    layernorm_backward(dx, dhidden, sv->final.x, sv->final.mean, sv->final.rstd, m->final_ln.w, M, Hd);
+    for (int l = c->layers - 1; l >= 0; l--) clip_layer_backward(&m->layers[l], c, &sv->layers[l], dx, sv->N, sv->T, scratch);
+    for (int i = 0; i < M; i++)
+        if (sv->ids[i] >= c->vocab_size) add_inplace(dadded + (size_t)(sv->ids[i] - c->vocab_size) * Hd, dx + (size_t)i * Hd, Hd);
     arena_reset(scratch, mark);
 }
 
@@ -897,6 +1290,7 @@ void clip_forward(const ClipTextModel* m, float* hidden, const int* ids, int N, 
 static const char* RESNET_PARTS[][2] = {
     {"norm1", "in_layers.0"}, {"conv1", "in_layers.2"}, {"time_emb_proj", "emb_layers.1"},
     {"norm2", "out_layers.0"}, {"conv2", "out_layers.3"}, {"conv_shortcut", "skip_connection"}};
+static const char* VAE_RESNET_PARTS[][2] = {{"conv_shortcut", "nin_shortcut"}};
 static const char* VAE_ATTN_PARTS[][2] = {
     {"group_norm", "norm"}, {"to_q", "q"}, {"to_k", "k"}, {"to_v", "v"}, {"to_out.0", "proj_out"}};
 
@@ -951,17 +1345,17 @@ static void ldm_vae_name(const VaeConfig* c, const char* n, char* out, size_t ca
     if (strncmp(n, "encoder.", 8) && strncmp(n, "decoder.", 8)) { snprintf(out, cap, "%s%s", pre, n); return; }
     if (sscanf(rest, "down_blocks.%d.resnets.%d.%n", &i, &j, &off) == 2 && off) {
         snprintf(head, sizeof head, "%s%s.down.%d.block.%d.", pre, part, i, j);
-        rename_part(out, cap, head, rest + off, (const char* (*)[2])RESNET_PARTS + 5, 1);
+        rename_part(out, cap, head, rest + off, VAE_RESNET_PARTS, 1);
     } else if (sscanf(rest, "down_blocks.%d.downsamplers.0.conv.%n", &i, &off) == 1 && off)
         snprintf(out, cap, "%s%s.down.%d.downsample.conv.%s", pre, part, i, rest + off);
     else if (sscanf(rest, "up_blocks.%d.resnets.%d.%n", &i, &j, &off) == 2 && off) {
         snprintf(head, sizeof head, "%s%s.up.%d.block.%d.", pre, part, c->levels - 1 - i, j);
-        rename_part(out, cap, head, rest + off, (const char* (*)[2])RESNET_PARTS + 5, 1);
+        rename_part(out, cap, head, rest + off, VAE_RESNET_PARTS, 1);
     } else if (sscanf(rest, "up_blocks.%d.upsamplers.0.conv.%n", &i, &off) == 1 && off)
         snprintf(out, cap, "%s%s.up.%d.upsample.conv.%s", pre, part, c->levels - 1 - i, rest + off);
     else if (sscanf(rest, "mid_block.resnets.%d.%n", &j, &off) == 1 && off) {
         snprintf(head, sizeof head, "%s%s.mid.block_%d.", pre, part, j + 1);
-        rename_part(out, cap, head, rest + off, (const char* (*)[2])RESNET_PARTS + 5, 1);
+        rename_part(out, cap, head, rest + off, VAE_RESNET_PARTS, 1);
     } else if (strncmp(rest, "mid_block.attentions.0.", 23) == 0) {
         snprintf(head, sizeof head, "%s%s.mid.attn_1.", pre, part);
         rename_part(out, cap, head, rest + 23, VAE_ATTN_PARTS, 5);
@@ -987,10 +1381,19 @@ static int is_known_buffer(const char* name) {   // LDM entries that are not wei
     return 0;
 }
 
-static void report_unused(SafeTensors* st, int verbose) {
+// An LDM entry belongs to a component that was not asked for (e.g. the VAE when only the UNet loads).
+static int ldm_other_component(const char* name, int components) {
+    static const char* prefixes[3] = {"cond_stage_model.", "model.diffusion_model.", "first_stage_model."};
+    for (int c = 0; c < 3; c++)
+        if (!(components & (1 << c)) && strncmp(name, prefixes[c], strlen(prefixes[c])) == 0) return 1;
+    return 0;
+}
+
+static void report_unused(SafeTensors* st, int ldm_components, int verbose) {
     int unused = 0;
     for (int i = 0; i < st->n; i++)
-        if (!st->entries[i].used && !is_known_buffer(st->entries[i].name)) {
+        if (!st->entries[i].used && !is_known_buffer(st->entries[i].name) &&
+            !(ldm_components && ldm_other_component(st->entries[i].name, ldm_components))) {
             if (unused < 20) fprintf(stderr, "warning: %s: unused tensor '%s'\n", st->path, st->entries[i].name);
             unused++;
         }
@@ -1004,7 +1407,7 @@ static void load_component(StableDiffusion* sd, Component comp, SafeTensors* st,
     if (comp == COMP_UNET) unet_load(&sd->unet, &L);
     if (comp == COMP_VAE) vae_load(&sd->vae, &L);
     sd->params[comp] = L.nparams;
-    if (!ldm) report_unused(st, verbose);
+    if (!ldm) report_unused(st, 0, verbose);
 }
 
 static const char* COMPONENT_DIRS[] = {"text_encoder", "unet", "vae"};
@@ -1039,7 +1442,7 @@ void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, c
             sd->nfiles = 1;
             for (int c = 0; c < 3; c++)
                 if (components & (1 << c)) load_component(sd, (Component)c, &sd->files[0], 1, verbose);
-            report_unused(&sd->files[0], verbose);
+            report_unused(&sd->files[0], components & 7, verbose);
         }
     } else {
         configs_from_dir(sd, config_dir ? config_dir : path, components & 7);
@@ -1088,6 +1491,7 @@ void sd_free(StableDiffusion* sd) {
         memset(&sd->files[0], 0, sizeof sd->files[0]);
     }
     for (int i = 0; i < sd->nfiles; i++) st_close(&sd->files[i]);
+    if (sd->trained) { train_params_free(sd->trained); free(sd->trained); }
     if (sd->loaded & SD_UNET) unet_free(&sd->unet);
     free(sd->clip.layers);
     if (sd->tok) tokenizer_free(sd->tok);

@@ -170,11 +170,17 @@ float* arena_alloc(Arena* a, size_t nfloats) {
     bytes = (bytes + 63) & ~(size_t)63;
     ArenaChunk* c = a->head;
     if (!c || c->used + bytes > c->cap) {
-        size_t cap = bytes > a->chunk_size ? bytes : a->chunk_size;
-        ArenaChunk* nc = xmalloc(sizeof *nc);
-        nc->mem = aligned_alloc(64, cap);
-        CHECK(nc->mem, "out of memory: arena chunk of %zu MiB", cap >> 20);
-        nc->cap = cap;
+        ArenaChunk** pick = &a->spare;    // a released chunk that is large enough, else a new one
+        while (*pick && (*pick)->cap < bytes) pick = &(*pick)->prev;
+        ArenaChunk* nc = *pick;
+        if (nc) *pick = nc->prev;
+        else {
+            size_t cap = bytes > a->chunk_size ? bytes : a->chunk_size;
+            nc = xmalloc(sizeof *nc);
+            nc->mem = aligned_alloc(64, cap);
+            CHECK(nc->mem, "out of memory: arena chunk of %zu MiB", cap >> 20);
+            nc->cap = cap;
+        }
         nc->used = 0;
         nc->base = a->used;
         nc->prev = c;
@@ -196,12 +202,13 @@ float* arena_zalloc(Arena* a, size_t nfloats) {
 size_t arena_mark(const Arena* a) { return a->used; }
 
 void arena_reset(Arena* a, size_t mark) {
-    // Drop whole chunks started at or after the mark, then rewind the one that holds it.
+    // Release whole chunks started at or after the mark (kept for reuse: no page faults on the
+    // next step), then rewind the one that holds it.
     while (a->head && a->head->base >= mark && a->head->prev) {
         ArenaChunk* c = a->head;
         a->head = c->prev;
-        free(c->mem);
-        free(c);
+        c->prev = a->spare;
+        a->spare = c;
     }
     if (a->head) {
         ArenaChunk* c = a->head;
@@ -212,12 +219,15 @@ void arena_reset(Arena* a, size_t mark) {
 }
 
 void arena_free(Arena* a) {
-    while (a->head) {
-        ArenaChunk* c = a->head;
-        a->head = c->prev;
-        free(c->mem);
-        free(c);
-    }
+    ArenaChunk* lists[2] = {a->head, a->spare};
+    for (int i = 0; i < 2; i++)
+        while (lists[i]) {
+            ArenaChunk* c = lists[i];
+            lists[i] = c->prev;
+            free(c->mem);
+            free(c);
+        }
+    a->head = a->spare = NULL;
     a->used = 0;
 }
 

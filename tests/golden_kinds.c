@@ -251,6 +251,157 @@ int kind_mix_sample(Case* c, Outputs* o) {
     return 0;
 }
 
-int kind_lora_grad(Case* c, Outputs* o) { (void)c; (void)o; return KIND_NOT_IMPLEMENTED; }
-int kind_kv_grad(Case* c, Outputs* o) { (void)c; (void)o; return KIND_NOT_IMPLEMENTED; }
-int kind_adamw_step(Case* c, Outputs* o) { (void)c; (void)o; return KIND_NOT_IMPLEMENTED; }
+// lora_grad / kv_grad: one training step's loss and gradients (lora.c's train_step). Trained:
+// the row of params.token (in.token_embedding) and LoRA A, B (in.lora.<path>.to_k.A ...) or the
+// full to_k / to_v weights of every attn2. Batch size, timesteps, mask and prompts come from the case.
+static int grad_case(Case* c, Outputs* o, TrainMode mode) {
+    static Arena saved;
+    if (!saved.chunk_size) arena_init(&saved, (size_t)64 << 20);
+    StableDiffusion* sd = case_model(c);
+    Tensor tl, tt;
+    const float* latent0 = case_input(c, "in.latent0", &tl);
+    const float* noise = case_input(c, "in.noise", NULL);
+    const float* tsf = case_input(c, "in.timestep", &tt);
+    const float* mask = case_has(c, "in.mask") ? case_input(c, "in.mask", NULL) : NULL;
+    int N = tl.shape[0], h = tl.shape[2], w = tl.shape[3], H = sd->clip.cfg.hidden, T = CLIP_MAX_LENGTH;
+    CHECK(tt.shape[0] == N, "%s: %d timesteps for a batch of %d", c->path, tt.shape[0], N);
+    const Json* a = json_get(c->params, "masked");
+    CHECK(!a || (a->number != 0) == (mask != NULL), "%s: params.masked disagrees with in.mask", c->path);
+    int rank = 0;
+    char name[320];
+    TrainParams tp;
+    if (mode == TRAIN_LORA) {   // the rank is the A's first dimension
+        Attention* at[1];
+        char path[1][128];
+        unet_cross_attentions(&sd->unet, at, path, 1);
+        Tensor ta;
+        snprintf(name, sizeof name, "in.lora.%s.to_k.A", path[0]);
+        case_input(c, name, &ta);
+        rank = ta.shape[0];
+    }
+    // LoRA scale: params.scale, or params.alpha / rank (diffusers' network_alpha), or 1
+    double alpha = json_get(c->params, "scale") ? param_number(c, "scale", 1) * rank : param_number(c, "alpha", rank);
+    Tensor te;   // [H] for one token, [K, H] for K
+    const float* emb = case_input(c, "in.token_embedding", &te);
+    int K = te.ndim == 2 ? te.shape[0] : 1;
+    train_params_init(&tp, sd, mode, K, NULL, rank, (float)alpha, NULL);
+    const Json* names = json_get(c->params, "tokens");
+    for (int k = 0; k < K; k++)
+        if (names && names->type == JSON_ARRAY && k < names->count && names->items[k].type == JSON_STRING)
+            snprintf(tp.tokens[k], sizeof tp.tokens[k], "%s", names->items[k].string);
+        else if (K == 1)
+            snprintf(tp.tokens[k], sizeof tp.tokens[k], "%s", param_string(c, "token", "<style1>"));
+    memcpy(tp.tok, emb, (size_t)K * H * sizeof(float));
+    for (int l = 0; l < tp.nlayers && mode == TRAIN_LORA; l++)
+        for (int kv = 0; kv < 2; kv++) {
+            LoraPair* lp = &tp.lora[2 * l + kv];
+            const char* which = kv ? "to_v" : "to_k";
+            snprintf(name, sizeof name, "in.lora.%s.%s.A", tp.paths[l], which);
+            memcpy(lp->down, case_input(c, name, NULL), (size_t)lp->rank * lp->in * sizeof(float));
+            snprintf(name, sizeof name, "in.lora.%s.%s.B", tp.paths[l], which);
+            memcpy(lp->up, case_input(c, name, NULL), (size_t)lp->out * lp->rank * sizeof(float));
+        }
+    train_attach(&tp, sd);
+    // prompts: params.prompts (one per sample) or params.prompt (a string or a list)
+    const Json* pr = json_get(c->params, "prompts");
+    if (!pr) pr = json_get(c->params, "prompt");
+    CHECK(pr && (pr->type == JSON_STRING || (pr->type == JSON_ARRAY && pr->count == N)), "%s: need %d prompts", c->path, N);
+    int* ids = xmalloc((size_t)N * T * sizeof(int));
+    int* ts = xmalloc((size_t)N * sizeof(int));
+    for (int n = 0; n < N; n++) {
+        const char* text = pr->type == JSON_STRING ? pr->string : pr->items[n].string;
+        CHECK(text && tokenizer_encode(sd->tok, text, ids + (size_t)n * T, T) >= 0, "%s: prompt %d: %s", c->path, n, error_last());
+        ts[n] = (int)tsf[n];
+    }
+    Schedule s;
+    schedule_init(&s, &sd->sched, 1);
+    TrainBatch b = {N, h, w, latent0, noise, ts, mask, ids};
+    float loss = train_step(sd, &tp, s.alphas_cumprod, &b, scratch(), &saved);
+    out_add4(o, "loss", &loss, 1, -1, -1, -1);
+    out_add(o, "grad.token_embedding", tp.dtok, te.ndim, te.shape);
+    for (int l = 0; l < tp.nlayers; l++)
+        for (int kv = 0; kv < 2; kv++) {
+            const char* which = kv ? "to_v" : "to_k";
+            if (mode == TRAIN_KV) {
+                const Linear* lin = kv ? &tp.attn[l]->to_v : &tp.attn[l]->to_k;
+                snprintf(name, sizeof name, "grad.%s.%s.weight", tp.paths[l], which);
+                out_add4(o, name, tp.dkv[2 * l + kv], lin->out, lin->in, -1, -1);
+                continue;
+            }
+            const LoraPair* lp = &tp.lora[2 * l + kv];
+            snprintf(name, sizeof name, "grad.lora.%s.%s.A", tp.paths[l], which);
+            out_add4(o, name, lp->ddown, lp->rank, lp->in, -1, -1);
+            snprintf(name, sizeof name, "grad.lora.%s.%s.B", tp.paths[l], which);
+            out_add4(o, name, lp->dup, lp->out, lp->rank, -1, -1);
+        }
+    train_detach(&tp, sd);
+    train_params_free(&tp);
+    schedule_free(&s);
+    free(ids);
+    free(ts);
+    return 0;
+}
+
+int kind_lora_grad(Case* c, Outputs* o) { return grad_case(c, o, TRAIN_LORA); }
+int kind_kv_grad(Case* c, Outputs* o) { return grad_case(c, o, TRAIN_KV); }
+
+// adamw_step: params.num_steps × (grad_clip_norm over all P tensors, then adamw_update of each);
+// the state after every step is an output.
+int kind_adamw_step(Case* c, Outputs* o) {
+    int P = 0, S = -1;
+    char name[64];
+    for (;; P++) { snprintf(name, sizeof name, "in.param.%d", P); if (!case_has(c, name)) break; }
+    CHECK(P > 0 && P <= 64, "%s: no in.param.<i> tensors", c->path);
+    const Json* betas = json_get(c->params, "betas");
+    AdamW opt = {param_number(c, "lr", 1e-3), 0.9, 0.999, param_number(c, "eps", 1e-8),
+                 param_number(c, "weight_decay", 1e-2), param_number(c, "max_grad_norm", 0), 0};
+    if (betas && betas->type == JSON_ARRAY && betas->count == 2) { opt.beta1 = betas->items[0].number; opt.beta2 = betas->items[1].number; }
+    int step0 = (int)param_number(c, "step", 0);
+    float *p[64], *m[64], *v[64], *g[64], *hist[64][4];
+    const float* grads[64];
+    size_t n[64];
+    Tensor shape[64];
+    for (int i = 0; i < P; i++) {
+        Tensor tg;
+        snprintf(name, sizeof name, "in.param.%d", i);
+        const float* p0 = case_input(c, name, &shape[i]);
+        n[i] = tensor_numel(&shape[i]);
+        snprintf(name, sizeof name, "in.grad.%d", i);
+        grads[i] = case_input(c, name, &tg);
+        CHECK(S < 0 || S == tg.shape[0], "%s: in.grad.%d has %d steps", c->path, i, tg.shape[0]);
+        S = tg.shape[0];
+        CHECK(shape[i].ndim < TENSOR_MAX_DIMS, "%s: param %d has too many dims", c->path, i);
+        p[i] = xmalloc(n[i] * sizeof(float)); m[i] = xmalloc(n[i] * sizeof(float));
+        v[i] = xmalloc(n[i] * sizeof(float)); g[i] = xmalloc(n[i] * sizeof(float));
+        memcpy(p[i], p0, n[i] * sizeof(float));
+        snprintf(name, sizeof name, "in.exp_avg.%d", i);
+        memcpy(m[i], case_input(c, name, NULL), n[i] * sizeof(float));
+        snprintf(name, sizeof name, "in.exp_avg_sq.%d", i);
+        memcpy(v[i], case_input(c, name, NULL), n[i] * sizeof(float));
+        for (int k = 0; k < 4; k++) hist[i][k] = xmalloc((size_t)S * n[i] * sizeof(float));
+    }
+    float* norms = xmalloc((size_t)S * sizeof(float));
+    for (int st = 0; st < S; st++) {
+        for (int i = 0; i < P; i++) memcpy(g[i], grads[i] + (size_t)st * n[i], n[i] * sizeof(float));
+        norms[st] = grad_clip_norm(g, n, P, (float)opt.max_grad_norm);
+        for (int i = 0; i < P; i++) {
+            adamw_update(p[i], g[i], m[i], v[i], n[i], &opt, opt.lr, step0 + st + 1);
+            const float* state[4] = {p[i], m[i], v[i], g[i]};
+            for (int k = 0; k < 4; k++) memcpy(hist[i][k] + (size_t)st * n[i], state[k], n[i] * sizeof(float));
+        }
+    }
+    out_add4(o, "grad_norm", norms, S, -1, -1, -1);
+    static const char* names[4] = {"param", "exp_avg", "exp_avg_sq", "clipped_grad"};
+    for (int i = 0; i < P; i++) {
+        int sh[TENSOR_MAX_DIMS] = {S};
+        for (int d = 0; d < shape[i].ndim; d++) sh[d + 1] = shape[i].shape[d];
+        for (int k = 0; k < 4; k++) {
+            snprintf(name, sizeof name, "%s.%d", names[k], i);
+            out_add(o, name, hist[i][k], shape[i].ndim + 1, sh);
+            free(hist[i][k]);
+        }
+        free(p[i]); free(m[i]); free(v[i]); free(g[i]);
+    }
+    free(norms);
+    return 0;
+}

@@ -348,13 +348,16 @@ def end_to_end(fname):
 
 
 def test_instastyle_info():
-    exe = os.path.join(ROOT, 'instastyle')
+    exe = os.environ.get('INSTASTYLE') or os.path.join(ROOT, 'instastyle')
+    if not os.path.isabs(exe):
+        exe = os.path.join(ROOT, exe)
     if not os.access(exe, os.X_OK):
         return './instastyle not built'
     if 'tiny-sd15.ldm.safetensors' not in CONVERTED:
         return 'no converted golden model'
-    tok = os.path.join(golden_dir(), 'models', 'tiny-sd15', 'tokenizer')
-    r = subprocess.run([exe, 'info', '--model', CONVERTED['tiny-sd15.ldm.safetensors'], '--tokenizer', tok],
+    folder = os.path.join(golden_dir(), 'models', 'tiny-sd15')
+    r = subprocess.run([exe, 'info', '--model', CONVERTED['tiny-sd15.ldm.safetensors'],
+                        '--tokenizer', os.path.join(folder, 'tokenizer'), '--config', folder],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, 'exit %d: %s' % (r.returncode, (r.stderr or r.stdout).strip()[-400:])
 

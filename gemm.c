@@ -1,0 +1,734 @@
+// gemm.c: single-precision matrix multiply (sgemm) and the thread pool the hot kernels share.
+//
+// sgemm computes C[M,N] = alpha·op(A)[M,K]·op(B)[K,N] + beta·C, row-major, with BLAS semantics
+// (beta == 0: C is written, never read). It follows the GotoBLAS/BLIS structure: K. Goto and
+// R. van de Geijn, "Anatomy of High-Performance Matrix Multiplication", ACM TOMS 34(3), 2008;
+// F. Van Zee and R. van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
+// Functionality", ACM TOMS 41(3), 2015. Five loops surround a register-blocked microkernel:
+//
+//   for jc in [0, N) step NC                   columns of C
+//     for pc in [0, K) step KC                 the summed dimension
+//       pack op(B)[pc:+KC, jc:+NC] -> Bp       KC×NC, stays in L3, NR-wide micro-panels
+//       for ic in [0, M) step MC               rows of C
+//         pack op(A)[ic:+MC, pc:+KC] -> Ap     MC×KC, stays in L2, MR-tall micro-panels
+//         for jr in [0, NC) step NR            one KC×NR micro-panel of Bp, reused MC/MR times
+//           for ir in [0, MC) step MR          one MR×KC micro-panel of Ap, streamed from L2
+//             C[MR×NR] = alpha·Ap·Bp + beta·C  microkernel, accumulators in registers
+//
+// Packing copies (and transposes) the operands into exactly the order the microkernel reads
+// them, zero-padded to whole panels: the four transpose combinations and all edges live in the
+// packing routine, and the microkernel sees only contiguous panels. Microkernels: AVX-512
+// 12×32 and 8×48 (24 zmm accumulators each; sgemm takes the one that pads C least, e.g. 8×48
+// for 128 rows), AVX2+FMA 6×16 and plain C 4×8, chosen at run time from the CPU's features;
+// the build needs no -march flag. INSTASTYLE_GEMM=avx2|scalar in the environment selects a
+// narrower kernel (tests use it). Blocking on a 2-core Zen 5 (48 KiB L1, 1 MiB L2): KC <= 768,
+// MC·KC <= 384 KiB, KC·NC <= 4 MiB; prefetching the C tile and the rows being packed matters
+// as much as the blocking (see the kernels).
+//
+// Reproducibility: each C element is summed over k in KC-blocks, in order, in one register
+// lane, and each block is added to C as alpha·acc + beta·C (beta = 1 after the first block).
+// KC and the microkernel depend only on the shape, and threads take disjoint sets of whole
+// tiles, so every element sees the same operations for any thread count: results are bitwise
+// identical for 1..n threads.
+//
+// Threads: a persistent pool; parallel_for hands each thread (the caller included) one
+// contiguous chunk of [0, n). Workers spin ~50 µs after a job, then sleep on a condition
+// variable. A parallel_for from inside a job (or while another job runs) runs serially.
+// Built with -fopenmp, the same chunks run on OpenMP's threads instead.
+//
+// Left out: double and complex types, column-major C, sharing one packed B between threads
+// (each thread packs what it uses; the redundancy is 1/M of the work for an M-split), and a
+// transposed microkernel for very narrow C (attention's P·V, N = 40, wastes 1/6 of the lanes).
+#define _POSIX_C_SOURCE 200809L
+#include "instastyle.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define GEMM_X86 1
+#else
+#define GEMM_X86 0
+#endif
+
+static int imin(int a, int b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// thread pool
+
+static _Thread_local float* tl_pack;    // this thread's sgemm pack buffers (see pack_buffer)
+
+#ifdef _OPENMP
+// With -fopenmp the pool is OpenMP's: same chunks, nested calls serial.
+void threads_init(int n) { omp_set_num_threads(n > 0 ? n : omp_get_num_procs()); }
+
+int threads_count(void) { return omp_get_max_threads(); }
+
+void parallel_for(int n, void (*fn)(void* ctx, int begin, int end), void* ctx) {
+    if (n <= 0) return;
+    if (n == 1 || omp_in_parallel() || omp_get_max_threads() == 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+#pragma omp parallel
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int begin = (int)((long long)n * t / nt), end = (int)((long long)n * (t + 1) / nt);
+        if (begin < end) fn(ctx, begin, end);
+    }
+}
+#else
+
+#define POOL_MAX 256
+#define POOL_SPIN 2000    // polls (~50 µs) before a waiting thread sleeps on the condvar
+
+static struct {
+    atomic_int n;                   // threads including the caller; 0 until threads_init
+    pthread_t tid[POOL_MAX];
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    atomic_uint gen;                // bumped to publish a job (or the stop request)
+    unsigned gen0;                  // gen when the workers were created
+    atomic_int left;                // workers still running the current job
+    int stop;
+    void (*fn)(void* ctx, int begin, int end);
+    void* ctx;
+    int total;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .done = PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;   // one job (or init) at a time
+static _Thread_local int pool_inside;                           // 1 while running a job
+
+static void cpu_relax(void) {
+#if GEMM_X86
+    _mm_pause();
+#endif
+}
+
+// Thread t of n gets [total·t/n, total·(t+1)/n): chunk sizes differ by at most one.
+static void pool_run_chunk(int t, int n) {
+    int begin = (int)((long long)pool.total * t / n);
+    int end = (int)((long long)pool.total * (t + 1) / n);
+    if (begin < end) pool.fn(pool.ctx, begin, end);
+}
+
+static void* pool_worker(void* arg) {
+    int id = (int)(intptr_t)arg;
+    unsigned seen = pool.gen0;
+    pool_inside = 1;
+    for (;;) {
+        for (int s = 0; s < POOL_SPIN && atomic_load(&pool.gen) == seen; s++) cpu_relax();
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
+        seen = atomic_load(&pool.gen);
+        if (pool.stop) break;
+        pool_run_chunk(id, atomic_load(&pool.n));
+        if (atomic_fetch_sub(&pool.left, 1) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+    free(tl_pack);
+    return NULL;
+}
+
+static void pool_publish(void) {
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add(&pool.gen, 1);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+}
+
+// Called with pool_busy held.
+static void pool_start(int n) {
+    if (atomic_load(&pool.n) > 1) {             // stop and join the old workers
+        pool.stop = 1;
+        pool_publish();
+        for (int t = 1; t < atomic_load(&pool.n); t++) pthread_join(pool.tid[t], NULL);
+        pool.stop = 0;
+    }
+    if (n <= 0) n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    n = n < 1 ? 1 : n > POOL_MAX ? POOL_MAX : n;
+    atomic_store(&pool.n, n);
+    pool.gen0 = atomic_load(&pool.gen);
+    for (int t = 1; t < n; t++) {
+        int err = pthread_create(&pool.tid[t], NULL, pool_worker, (void*)(intptr_t)t);
+        CHECK(err == 0, "pthread_create failed for worker %d of %d (error %d)", t, n, err);
+    }
+}
+
+void threads_init(int n) {
+    CHECK(!pool_inside, "threads_init called from inside parallel_for");
+    pthread_mutex_lock(&pool_busy);
+    pool_start(n);
+    pthread_mutex_unlock(&pool_busy);
+}
+
+int threads_count(void) {
+    if (atomic_load(&pool.n) == 0) {
+        pthread_mutex_lock(&pool_busy);
+        if (atomic_load(&pool.n) == 0) pool_start(0);
+        pthread_mutex_unlock(&pool_busy);
+    }
+    return atomic_load(&pool.n);
+}
+
+void parallel_for(int n, void (*fn)(void* ctx, int begin, int end), void* ctx) {
+    if (n <= 0) return;
+    int nt = threads_count();
+    if (nt == 1 || n == 1 || pool_inside || pthread_mutex_trylock(&pool_busy) != 0) {
+        fn(ctx, 0, n);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.total = n;
+    atomic_store(&pool.left, nt - 1);
+    pool_publish();
+    pool_inside = 1;
+    pool_run_chunk(0, nt);
+    pool_inside = 0;
+    for (int s = 0; s < POOL_SPIN && atomic_load(&pool.left) > 0; s++) cpu_relax();
+    pthread_mutex_lock(&pool.mu);
+    while (atomic_load(&pool.left) > 0) pthread_cond_wait(&pool.done, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool_busy);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// reference
+
+void sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
+               const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+    for (int i = 0; i < M; i++) {
+        for (int j = 0; j < N; j++) {
+            float sum = 0.0f;
+            for (int k = 0; k < K; k++) {
+                float a = transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                float b = transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                sum += a * b;
+            }
+            float* c = &C[(size_t)i * ldc + j];
+            *c = beta == 0.0f ? alpha * sum : alpha * sum + beta * *c;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// blocking
+
+// Cache blocks, in bytes of packed operand, and the largest KC. A KC-block of A (MC×KC) sits in
+// the 1-2 MiB L2 of current cores, a KC-block of B (KC×NC) in L3; MC and NC follow from KC, so
+// a short K (attention's 40) gets long blocks. KC is large because every KC-block costs one
+// pass over the C tile (load, add, store).
+#define GEMM_KC_MAX 768
+#define GEMM_A_BYTES (384 << 10)
+#define GEMM_B_BYTES (4 << 20)
+#define GEMM_PREFETCH_ROWS 8          // rows of B ahead when packing row by row
+#define GEMM_SERIAL_WORK (1 << 18)    // M·N·K below this runs on the calling thread only
+
+// Microkernel: C[m×n] = alpha·a·b + beta·C for one tile, m <= mr, n <= nr (beta == 0: C is
+// not read). a: mr×kc panel, column k at a + k·mr; b: kc×nr panel, row k at b + k·nr, both
+// 64-byte aligned and zero-padded.
+typedef void (*MicroKernel)(int kc, const float* a, const float* b, float* c, int ldc,
+                            float alpha, float beta, int m, int n);
+
+// Packs rows [0, mn) × columns [0, kc) of X(r,k) = x[r·rs + k·cs] into ceil(mn/w) panels:
+// panel q holds X(q·w + r, k) at dst[q·w·kc + k·w + r], zero-padded to w rows. Rows are op(A)'s
+// rows (w = mr) or op(B)'s columns (w = nr). Either rs or cs is 1.
+typedef void (*PackFn)(const float* x, size_t rs, size_t cs, int mn, int kc, int w, float* dst);
+
+typedef struct GemmKernel {
+    MicroKernel fn;
+    int mr, nr;
+} GemmKernel;
+
+typedef struct GemmArch {
+    const char* name;
+    PackFn pack;
+    GemmKernel kernels[2];   // sgemm takes the one that pads C least (the first on a tie)
+} GemmArch;
+
+static void pack_panels(const float* x, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+    if (rs == 1) {            // X's columns are contiguous: stream each across all panels
+        for (int k = 0; k < kc; k++) {
+            const float* src = x + (size_t)k * cs;
+            float* d = dst + (size_t)k * w;
+            if (k + GEMM_PREFETCH_ROWS < kc) __builtin_prefetch(src + GEMM_PREFETCH_ROWS * cs);
+            for (int q = 0; q < mn; q += w, d += (size_t)w * kc)
+                for (int r = 0; r < w; r++) d[r] = q + r < mn ? src[q + r] : 0.0f;
+        }
+        return;
+    }
+    for (int q = 0; q < mn; q += w, dst += (size_t)w * kc) {   // X's rows are contiguous
+        for (int r = 0; r < w; r++) {
+            if (q + r >= mn) {
+                for (int k = 0; k < kc; k++) dst[k * w + r] = 0.0f;
+                continue;
+            }
+            const float* src = x + (size_t)(q + r) * rs;
+            for (int k = 0; k < kc; k++) dst[k * w + r] = src[k];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// microkernels
+
+// The edge update of the scalar and AVX2 kernels: the same expression as the vector paths
+// (alpha·acc + beta·c: two products and a sum), free of target attributes so that no compiler
+// contracts it into an FMA.
+static void tile_update(const float* t, int nr, float* c, int ldc, float alpha, float beta,
+                        int m, int n) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            float* cij = &c[(size_t)i * ldc + j];
+            *cij = beta == 0.0f ? alpha * t[i * nr + j] : alpha * t[i * nr + j] + beta * *cij;
+        }
+}
+
+#define SCALAR_MR 4
+#define SCALAR_NR 8
+static void kernel_scalar(int kc, const float* a, const float* b, float* c, int ldc,
+                          float alpha, float beta, int m, int n) {
+    float t[SCALAR_MR * SCALAR_NR] = {0};
+    for (int k = 0; k < kc; k++, a += SCALAR_MR, b += SCALAR_NR)
+        for (int i = 0; i < SCALAR_MR; i++)
+            for (int j = 0; j < SCALAR_NR; j++) t[i * SCALAR_NR + j] += a[i] * b[j];
+    tile_update(t, SCALAR_NR, c, ldc, alpha, beta, m, n);
+}
+
+#if GEMM_X86
+// Full unrolling of the register-tile loops keeps the accumulator arrays in registers.
+#if defined(__clang__)
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL _Pragma("GCC unroll 16")
+#endif
+
+// 6×16: 12 ymm accumulators, two B vectors and a broadcast fill 15 of the 16 registers.
+__attribute__((target("avx2,fma")))
+static void kernel_avx2(int kc, const float* a, const float* b, float* c, int ldc,
+                        float alpha, float beta, int m, int n) {
+    __m256 acc[6][2];
+    UNROLL
+    for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int k = 0; k < kc; k++, a += 6, b += 16) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        UNROLL
+        for (int i = 0; i < 6; i++) {
+            __m256 ai = _mm256_broadcast_ss(a + i);
+            acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+        }
+    }
+    if (m < 6 || n < 16) {
+        float t[6 * 16];
+        UNROLL
+        for (int i = 0; i < 6; i++) {
+            _mm256_storeu_ps(t + 16 * i, acc[i][0]);
+            _mm256_storeu_ps(t + 16 * i + 8, acc[i][1]);
+        }
+        tile_update(t, 16, c, ldc, alpha, beta, m, n);
+        return;
+    }
+    __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    UNROLL
+    for (int i = 0; i < 6; i++) {
+        float* ci = c + (size_t)i * ldc;
+        __m256 x0 = _mm256_mul_ps(va, acc[i][0]), x1 = _mm256_mul_ps(va, acc[i][1]);
+        if (beta != 0.0f) {
+            x0 = _mm256_add_ps(x0, _mm256_mul_ps(vb, _mm256_loadu_ps(ci)));
+            x1 = _mm256_add_ps(x1, _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8)));
+        }
+        _mm256_storeu_ps(ci, x0);
+        _mm256_storeu_ps(ci + 8, x1);
+    }
+}
+
+static __mmask16 mask16(int n) {          // the first n lanes (0..16)
+    return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+// AVX-512: MR rows × NV vectors of 16 columns, MR·NV = 24 accumulators (enough independent FMA
+// chains for two FMA pipes of latency 4) plus NV B vectors and a broadcast. Inlined into each
+// wrapper with constant MR and NV, so the loops unroll and the accumulators stay in registers.
+// The C tile is prefetched first: its lines arrive while the k loop runs (for short K, as in
+// attention, C traffic is the bottleneck).
+__attribute__((target("avx512f"), always_inline))
+static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const float* b,
+                                 float* c, int ldc, float alpha, float beta, int m, int n) {
+    __m512 acc[12][3];
+    UNROLL
+    for (int i = 0; i < MR; i++) {
+        if (i < m) {
+            UNROLL
+            for (int v = 0; v < NV; v++) __builtin_prefetch(c + (size_t)i * ldc + 16 * v);
+            __builtin_prefetch(c + (size_t)i * ldc + imin(n, 16 * NV) - 1);
+        }
+        UNROLL
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+    }
+    for (int k = 0; k < kc; k++, a += MR, b += 16 * NV) {
+        __m512 bv[3];
+        UNROLL
+        for (int v = 0; v < NV; v++) bv[v] = _mm512_load_ps(b + 16 * v);
+        UNROLL
+        for (int i = 0; i < MR; i++) {
+            __m512 ai = _mm512_set1_ps(a[i]);
+            UNROLL
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+        }
+    }
+    // Masked loads and stores cover partial tiles; masked-off lanes are never touched.
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    UNROLL
+    for (int i = 0; i < MR; i++) {
+        UNROLL
+        for (int v = 0; v < NV; v++) {
+            __mmask16 mk = i < m ? mask16(n - 16 * v) : 0;
+            if (!mk) continue;
+            float* civ = c + (size_t)i * ldc + 16 * v;
+            __m512 x = _mm512_mul_ps(va, acc[i][v]);
+            if (beta != 0.0f)
+                x = _mm512_add_ps(x, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mk, civ)));
+            _mm512_mask_storeu_ps(civ, mk, x);
+        }
+    }
+}
+
+__attribute__((target("avx512f")))
+static void kernel_avx512_12x32(int kc, const float* a, const float* b, float* c, int ldc,
+                                float alpha, float beta, int m, int n) {
+    kernel_avx512(12, 2, kc, a, b, c, ldc, alpha, beta, m, n);
+}
+
+__attribute__((target("avx512f")))
+static void kernel_avx512_8x48(int kc, const float* a, const float* b, float* c, int ldc,
+                               float alpha, float beta, int m, int n) {
+    kernel_avx512(8, 3, kc, a, b, c, ldc, alpha, beta, m, n);
+}
+
+// r[i] = column i of the 16×16 block whose rows were r[0..15].
+__attribute__((target("avx512f")))
+static void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    UNROLL
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    UNROLL
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    UNROLL
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    UNROLL
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+// pack_panels with vectors: columns are copied 16 at a time; rows (A without transA, B with
+// transB) go through 16×16 transposes, while the next panel's rows are prefetched.
+__attribute__((target("avx512f")))
+static void pack_avx512(const float* x, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+    if (rs == 1) {
+        for (int k = 0; k < kc; k++) {
+            const float* src = x + (size_t)k * cs;
+            float* d = dst + (size_t)k * w;
+            for (int q = 0; q < mn; q += w, d += (size_t)w * kc)
+                for (int r0 = 0; r0 < w; r0 += 16) {
+                    __m512 v = _mm512_setzero_ps();
+                    if (q + r0 < mn) {
+                        if (k + GEMM_PREFETCH_ROWS < kc)
+                            __builtin_prefetch(src + GEMM_PREFETCH_ROWS * cs + q + r0);
+                        v = _mm512_maskz_loadu_ps(mask16(mn - q - r0), src + q + r0);
+                    }
+                    _mm512_mask_storeu_ps(d + r0, mask16(w - r0), v);
+                }
+        }
+        return;
+    }
+    for (int q = 0; q < mn; q += w, dst += (size_t)w * kc) {
+        for (int r0 = 0; r0 < w; r0 += 16) {
+            const float* xr = x + (size_t)q * rs;         // row q + r0 + r at xr + (r0 + r)·rs
+            float* d = dst + r0;
+            int rows = mn - q - r0;                       // valid rows from r0 (may exceed 16)
+            __mmask16 out = mask16(w - r0);               // lanes inside the panel
+            for (int k0 = 0; k0 < kc; k0 += 16) {
+                __m512 v[16];
+                __mmask16 kin = mask16(kc - k0);
+                UNROLL
+                for (int r = 0; r < 16; r++) {
+                    if (r + w < rows) __builtin_prefetch(xr + (size_t)(r0 + r + w) * rs + k0);
+                    v[r] = r < rows ? _mm512_maskz_loadu_ps(kin, xr + (size_t)(r0 + r) * rs + k0)
+                                    : _mm512_setzero_ps();
+                }
+                transpose16(v);
+                UNROLL
+                for (int k = 0; k < 16; k++)
+                    if (k0 + k < kc) _mm512_mask_storeu_ps(d + (size_t)(k0 + k) * w, out, v[k]);
+            }
+        }
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// kernel choice
+
+static const GemmArch ARCH_SCALAR = {"scalar", pack_panels,
+                                     {{kernel_scalar, SCALAR_MR, SCALAR_NR}}};
+#if GEMM_X86
+static const GemmArch ARCH_AVX2 = {"avx2", pack_panels, {{kernel_avx2, 6, 16}}};
+static const GemmArch ARCH_AVX512 = {"avx512", pack_avx512,
+                                     {{kernel_avx512_12x32, 12, 32}, {kernel_avx512_8x48, 8, 48}}};
+#endif
+static const GemmArch* gemm_arch_chosen;
+static pthread_once_t gemm_arch_once = PTHREAD_ONCE_INIT;
+
+static void gemm_arch_choose(void) {
+    const char* want = getenv("INSTASTYLE_GEMM");
+    gemm_arch_chosen = &ARCH_SCALAR;
+    if (want && strcmp(want, "scalar") == 0) return;
+#if GEMM_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        gemm_arch_chosen = &ARCH_AVX2;
+    if (want && strcmp(want, "avx2") == 0) return;
+    if (__builtin_cpu_supports("avx512f")) gemm_arch_chosen = &ARCH_AVX512;
+#endif
+}
+
+static const GemmArch* gemm_arch(void) {
+    pthread_once(&gemm_arch_once, gemm_arch_choose);
+    return gemm_arch_chosen;
+}
+
+const char* sgemm_kernel_name(void) { return gemm_arch()->name; }
+
+// ---------------------------------------------------------------------------------------------
+// the blocked loops
+
+// One sgemm call; op(A)(i,k) = A[i·ars + k·acs], op(B)(k,j) = B[k·brs + j·bcs].
+typedef struct Gemm {
+    PackFn pack;
+    GemmKernel kern;
+    int M, N, K;
+    float alpha, beta;
+    const float* A;
+    size_t ars, acs;
+    const float* B;
+    size_t brs, bcs;
+    float* C;
+    int ldc;
+    int split_m;          // threads split rows (1) or columns (0) into whole micro-tiles
+} Gemm;
+
+// Each thread's pack buffers, allocated on its first sgemm (freed when a worker exits).
+static float* pack_buffer(void) {
+    if (!tl_pack) tl_pack = xmalloc(GEMM_A_BYTES + GEMM_B_BYTES + 64);
+    return (float*)(((uintptr_t)tl_pack + 63) & ~(uintptr_t)63);
+}
+
+static int round_down(int x, int to) { return x / to * to; }
+
+// The five loops over C[i0:i1, j0:j1].
+static void gemm_blocked(const Gemm* p, int i0, int i1, int j0, int j1) {
+    int mr = p->kern.mr, nr = p->kern.nr;
+    int kblocks = (p->K + GEMM_KC_MAX - 1) / GEMM_KC_MAX;
+    int kcb = (p->K + kblocks - 1) / kblocks;     // KC-blocks of near-equal size, from K alone
+    int mcb = round_down(GEMM_A_BYTES / (int)sizeof(float) / kcb, mr);
+    int ncb = round_down(GEMM_B_BYTES / (int)sizeof(float) / kcb, nr);
+    float* Ap = pack_buffer();
+    float* Bp = Ap + GEMM_A_BYTES / sizeof(float);
+    for (int jc = j0; jc < j1; jc += ncb) {
+        int nc = imin(ncb, j1 - jc);
+        for (int pc = 0; pc < p->K; pc += kcb) {
+            int kc = imin(kcb, p->K - pc);
+            float beta = pc == 0 ? p->beta : 1.0f;
+            p->pack(p->B + (size_t)pc * p->brs + (size_t)jc * p->bcs, p->bcs, p->brs,
+                    nc, kc, nr, Bp);
+            for (int ic = i0; ic < i1; ic += mcb) {
+                int mc = imin(mcb, i1 - ic);
+                p->pack(p->A + (size_t)ic * p->ars + (size_t)pc * p->acs, p->ars, p->acs,
+                        mc, kc, mr, Ap);
+                for (int jr = 0; jr < nc; jr += nr)
+                    for (int ir = 0; ir < mc; ir += mr)
+                        p->kern.fn(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
+                                   p->C + (size_t)(ic + ir) * p->ldc + jc + jr, p->ldc,
+                                   p->alpha, beta, imin(mr, mc - ir), imin(nr, nc - jr));
+            }
+        }
+    }
+}
+
+// parallel_for body: [begin, end) counts micro-tile rows (split_m) or columns.
+static void gemm_task(void* ctx, int begin, int end) {
+    const Gemm* p = ctx;
+    if (p->split_m)
+        gemm_blocked(p, begin * p->kern.mr, imin(end * p->kern.mr, p->M), 0, p->N);
+    else
+        gemm_blocked(p, 0, p->M, begin * p->kern.nr, imin(end * p->kern.nr, p->N));
+}
+
+static atomic_ullong gemm_flops;      // 2·M·N·K over all calls
+
+double sgemm_flop_count(void) { return (double)atomic_load(&gemm_flops); }
+
+static double padded_area(int M, int N, GemmKernel k) {
+    return (double)((M + k.mr - 1) / k.mr * k.mr) * ((N + k.nr - 1) / k.nr * k.nr);
+}
+
+void sgemm(int transA, int transB, int M, int N, int K, float alpha,
+           const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+    CHECK(M >= 0 && N >= 0 && K >= 0, "sgemm: negative size M=%d N=%d K=%d", M, N, K);
+    CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
+          "sgemm: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)",
+          M, N, K, lda, ldb, ldc);
+    if (M == 0 || N == 0) return;
+    atomic_fetch_add(&gemm_flops, 2ull * (unsigned long long)M * N * K);
+    if (K == 0 || alpha == 0.0f) {        // BLAS: A and B are not read, C = beta·C
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float* c = &C[(size_t)i * ldc + j];
+                *c = beta == 0.0f ? 0.0f : beta * *c;
+            }
+        return;
+    }
+    const GemmArch* g = gemm_arch();
+    GemmKernel kern = g->kernels[0];
+    if (g->kernels[1].fn && padded_area(M, N, g->kernels[1]) < padded_area(M, N, kern))
+        kern = g->kernels[1];
+    Gemm p = {g->pack, kern, M, N, K, alpha, beta,
+              A, transA ? 1 : (size_t)lda, transA ? (size_t)lda : 1,
+              B, transB ? 1 : (size_t)ldb, transB ? (size_t)ldb : 1, C, ldc, 1};
+    int nt = (double)M * N * K < GEMM_SERIAL_WORK ? 1 : threads_count();
+    if (nt == 1) {
+        gemm_blocked(&p, 0, M, 0, N);
+        return;
+    }
+    // Split the dimension that leaves the slowest thread the least padded tile area; within 3%,
+    // split the longer side (every thread packs all of the other operand).
+    int pm = (M + kern.mr - 1) / kern.mr, pn = (N + kern.nr - 1) / kern.nr;
+    double work_m = (double)((pm + nt - 1) / nt) * kern.mr * pn * kern.nr;
+    double work_n = (double)((pn + nt - 1) / nt) * kern.nr * pm * kern.mr;
+    p.split_m = work_m < 0.97 * work_n || (work_n >= 0.97 * work_m && M >= N);
+    parallel_for(p.split_m ? pm : pn, gemm_task, &p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// peak probe: 12 independent FMA chains (enough to cover latency × pipes on current cores)
+
+#define PROBE_CHAINS 12
+
+// Each probe runs iters × PROBE_CHAINS multiply-adds and returns a sum of the chains (so that
+// the loop is not optimised away).
+static float probe_scalar(long iters) {
+    float acc[PROBE_CHAINS], m = 0.999f, x = 1e-3f, sum = 0.0f;
+    for (int i = 0; i < PROBE_CHAINS; i++) acc[i] = (float)i;
+    for (long it = 0; it < iters; it++)
+        for (int i = 0; i < PROBE_CHAINS; i++) acc[i] = acc[i] * m + x;
+    for (int i = 0; i < PROBE_CHAINS; i++) sum += acc[i];
+    return sum;
+}
+
+#if GEMM_X86
+__attribute__((target("avx2,fma")))
+static float probe_avx2(long iters) {
+    __m256 acc[PROBE_CHAINS], m = _mm256_set1_ps(0.999f), x = _mm256_set1_ps(1e-3f);
+    float sum = 0.0f;
+    for (int i = 0; i < PROBE_CHAINS; i++) acc[i] = _mm256_set1_ps((float)i);
+    for (long it = 0; it < iters; it++) {
+        UNROLL
+        for (int i = 0; i < PROBE_CHAINS; i++) acc[i] = _mm256_fmadd_ps(acc[i], m, x);
+    }
+    float lanes[8];
+    for (int i = 1; i < PROBE_CHAINS; i++) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+    _mm256_storeu_ps(lanes, acc[0]);
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+    return sum;
+}
+
+__attribute__((target("avx512f")))
+static float probe_avx512(long iters) {
+    __m512 acc[PROBE_CHAINS], m = _mm512_set1_ps(0.999f), x = _mm512_set1_ps(1e-3f);
+    float sum = 0.0f;
+    for (int i = 0; i < PROBE_CHAINS; i++) acc[i] = _mm512_set1_ps((float)i);
+    for (long it = 0; it < iters; it++) {
+        UNROLL
+        for (int i = 0; i < PROBE_CHAINS; i++) acc[i] = _mm512_fmadd_ps(acc[i], m, x);
+    }
+    float lanes[16];
+    for (int i = 1; i < PROBE_CHAINS; i++) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+    _mm512_storeu_ps(lanes, acc[0]);
+    for (int l = 0; l < 16; l++) sum += lanes[l];
+    return sum;
+}
+#endif
+
+typedef struct Probe {
+    float (*fn)(long iters);
+    double lanes;        // floats per multiply-add
+    long iters;
+} Probe;
+
+static void probe_task(void* ctx, int begin, int end) {
+    const Probe* pr = ctx;
+    for (int i = begin; i < end; i++) {
+        volatile float sink = pr->fn(pr->iters);
+        (void)sink;
+    }
+}
+
+// Best of 5 runs of ~40 ms on `threads` pool threads (threads beyond threads_count() share
+// cores); the best run is the one least disturbed by other processes.
+double cpu_peak_gflops(int threads) {
+    Probe pr = {probe_scalar, 1, 1 << 12};
+#if GEMM_X86
+    const char* name = sgemm_kernel_name();
+    if (strcmp(name, "avx2") == 0) pr = (Probe){probe_avx2, 8, 1 << 12};
+    if (strcmp(name, "avx512") == 0) pr = (Probe){probe_avx512, 16, 1 << 12};
+#endif
+    double t;
+    for (;;) {                             // calibrate to ~40 ms (this also warms up)
+        t = time_now();
+        probe_task(&pr, 0, 1);
+        t = time_now() - t;
+        if (t > 0.01) break;
+        pr.iters *= 2;
+    }
+    pr.iters = (long)(pr.iters * 0.04 / t);
+    if (threads < 1) threads = 1;
+    double best = 0.0;
+    for (int run = 0; run < 5; run++) {
+        t = time_now();
+        parallel_for(threads, probe_task, &pr);
+        t = time_now() - t;
+        double gflops = 2.0 * PROBE_CHAINS * pr.lanes * pr.iters * threads / t * 1e-9;
+        if (gflops > best) best = gflops;
+    }
+    return best;
+}
