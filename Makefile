@@ -46,10 +46,15 @@ instastyle: $(BUILD)/instastyle.o $(OBJ)
 
 $(BUILD)/run_golden: tests/run_golden.c tests/golden_kinds.c tests/golden.h $(OBJ)
 	$(CC) $(CFLAGS) -I. tests/run_golden.c tests/golden_kinds.c $(OBJ) -o $@ $(LDLIBS)
+# Fuzz targets replayed over their seeds and regression inputs without libFuzzer (make fuzz runs them for real).
+FUZZ_TARGETS = safetensors json image png_inflate tokenizer vocab manifest noise trained
+REPLAYS = $(FUZZ_TARGETS:%=$(BUILD)/replay_%)
+$(BUILD)/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c $(OBJ)
+	$(CC) $(CFLAGS) -I. $< tests/fuzz/replay.c $(OBJ) -o $@ $(LDLIBS)
 $(BUILD)/%: tests/%.c $(OBJ)
 	$(CC) $(CFLAGS) -I. $< $(OBJ) -o $@ $(LDLIBS)
 
-test: instastyle $(TESTS)
+test: instastyle $(TESTS) $(REPLAYS)
 	tests/run_tests.sh $(BUILD) $(GOLDEN)
 
 debug:
@@ -57,7 +62,7 @@ debug:
 	    SANITIZE=1 instastyle-debug test-debug
 instastyle-debug: $(BUILD)/instastyle.o $(OBJ)
 	$(CC) $(CFLAGS) $^ -o $(BUILD)/instastyle $(LDLIBS)
-test-debug: instastyle-debug $(TESTS)
+test-debug: instastyle-debug $(TESTS) $(REPLAYS)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	    INSTASTYLE=$(BUILD)/instastyle tests/run_tests.sh $(BUILD) $(GOLDEN)
 

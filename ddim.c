@@ -110,6 +110,13 @@ void noise_rand_scale(float* z, int C, int h, int w, float scale, Rng* rng) {
     free(fresh);
 }
 
+// Numerical guard: a NaN/Inf in the latent stops the run, naming the loop, step and tensor.
+static void check_finite(const float* z, size_t n, const char* loop, int step, int total, int t) {
+    for (size_t i = 0; i < n; i++)
+        CHECK(isfinite(z[i]), "%s step %d/%d (timestep %d): the latent holds NaN/Inf at element %zu "
+              "(the model weights or the input noise are broken)", loop, step, total, t, i);
+}
+
 void ddim_invert(const UNet* u, const Schedule* s, float* z, float* latents, const float* cond, int Tc,
                  int h, int w, int nsteps, DdimProgress progress, void* pctx, Arena* scratch) {
     int C = u->cfg.in_channels;
@@ -123,6 +130,7 @@ void ddim_invert(const UNet* u, const Schedule* s, float* z, float* latents, con
         float tf = (float)t;
         unet_forward(u, eps, z, &tf, cond, 1, h, w, Tc, scratch);
         ddim_inverse_step(s, z, z, eps, t, n);
+        check_finite(z, n, "inversion", i + 1, nsteps, t);
         if (latents) memcpy(latents + (i + 1) * n, z, n * sizeof(float));
         if (progress) progress(pctx, i + 1, nsteps);
     }
@@ -152,8 +160,41 @@ void ddim_sample(const UNet* u, const Schedule* s, float* z, float* latents, con
             e[j] = acc;
         }
         ddim_step(s, z, z, e, t, n);
+        check_finite(z, n, "sampling", i - first + 1, s->n - first, t);
         if (latents) memcpy(latents + (i - first + 1) * n, z, n * sizeof(float));
         if (progress) progress(pctx, i - first + 1, s->n - first);
     }
     arena_reset(scratch, mark);
+}
+
+// ----------------------------------------------------------------------------------------------
+// noise files: safetensors with "latent" F32 [1, C, h, w] (format "instastyle-noise"), untrusted
+// input: every property is checked, and the result is NULL + error_last() rather than an exit.
+
+float* noise_from_st(SafeTensors* st, int C, int* h, int* w) {
+    StEntry* e = st_find(st, "latent");
+    if (!e) { error_set("%s: no 'latent' tensor: not a noise file written by 'instastyle invert'", st->path); return NULL; }
+    if (e->dtype != DT_F32 || e->ndim != 4 || e->shape[0] != 1 || e->shape[1] != C || e->shape[2] < 1 ||
+        e->shape[3] < 1 || e->shape[2] > NOISE_MAX_SIDE || e->shape[3] > NOISE_MAX_SIDE) {
+        error_set("%s: 'latent' must be F32 [1, %d, h, w] with 1 <= h, w <= %d (latents of images up to %d pixels)",
+                  st->path, C, NOISE_MAX_SIDE, 8 * NOISE_MAX_SIDE);
+        return NULL;
+    }
+    *h = (int)e->shape[2];
+    *w = (int)e->shape[3];
+    size_t n = (size_t)C * *h * *w;
+    const float* src = st_floats(st, e);
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(src[i])) { error_set("%s: 'latent' holds NaN or Inf at element %zu", st->path, i); return NULL; }
+    float* z = xmalloc(n * sizeof(float));
+    memcpy(z, src, n * sizeof(float));
+    return z;
+}
+
+float* noise_load(const char* path, int C, int* h, int* w) {
+    SafeTensors st;
+    if (st_open(&st, path) != 0) return NULL;
+    float* z = noise_from_st(&st, C, h, w);
+    st_close(&st);
+    return z;
 }

@@ -246,8 +246,12 @@ typedef void (*MicroKernel)(int kc, const float* a, const float* b, float* c, in
 
 // Packs rows [0, mn) × columns [0, kc) of X(r,k) = x[r·rs + k·cs] into ceil(mn/w) panels:
 // panel q holds X(q·w + r, k) at dst[q·w·kc + k·w + r], zero-padded to w rows. Rows are op(A)'s
-// rows (w = mr) or op(B)'s columns (w = nr). Either rs or cs is 1.
-typedef void (*PackFn)(const float* x, size_t rs, size_t cs, int mn, int kc, int w, float* dst);
+// rows (w = mr) or op(B)'s columns (w = nr). Either rs or cs is 1. x holds floats, or IEEE fp16
+// values (f16 = 1) that are converted exactly on the way.
+typedef void (*PackFn)(const void* x, int f16, size_t rs, size_t cs, int mn, int kc, int w, float* dst);
+// The same panels for B = the im2col matrix of an image: rows are output pixels p0 .. p0+mn−1,
+// columns the (c, ky, kx) indices k0 .. k0+kc−1 (see GemmIm2col).
+typedef void (*PackIm2colFn)(const GemmIm2col* g, int p0, int k0, int mn, int kc, int w, float* dst);
 
 typedef struct GemmKernel {
     MicroKernel fn;
@@ -257,17 +261,23 @@ typedef struct GemmKernel {
 typedef struct GemmArch {
     const char* name;
     PackFn pack;
+    PackIm2colFn pack_im2col;
     GemmKernel kernels[2];   // sgemm takes the one that pads C least (the first on a tie)
 } GemmArch;
 
-static void pack_panels(const float* x, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+static float load_elem(const void* x, int f16, size_t i) {
+    return f16 ? f16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+}
+
+static void pack_panels(const void* x, int f16, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+    size_t esz = f16 ? sizeof(uint16_t) : sizeof(float);
     if (rs == 1) {            // X's columns are contiguous: stream each across all panels
         for (int k = 0; k < kc; k++) {
-            const float* src = x + (size_t)k * cs;
+            size_t src = (size_t)k * cs;
             float* d = dst + (size_t)k * w;
-            if (k + GEMM_PREFETCH_ROWS < kc) __builtin_prefetch(src + GEMM_PREFETCH_ROWS * cs);
+            if (k + GEMM_PREFETCH_ROWS < kc) __builtin_prefetch((const char*)x + (src + GEMM_PREFETCH_ROWS * cs) * esz);
             for (int q = 0; q < mn; q += w, d += (size_t)w * kc)
-                for (int r = 0; r < w; r++) d[r] = q + r < mn ? src[q + r] : 0.0f;
+                for (int r = 0; r < w; r++) d[r] = q + r < mn ? load_elem(x, f16, src + q + r) : 0.0f;
         }
         return;
     }
@@ -277,10 +287,26 @@ static void pack_panels(const float* x, size_t rs, size_t cs, int mn, int kc, in
                 for (int k = 0; k < kc; k++) dst[k * w + r] = 0.0f;
                 continue;
             }
-            const float* src = x + (size_t)(q + r) * rs;
-            for (int k = 0; k < kc; k++) dst[k * w + r] = src[k];
+            size_t src = (size_t)(q + r) * rs;
+            for (int k = 0; k < kc; k++) dst[k * w + r] = load_elem(x, f16, src + k);
         }
     }
+}
+
+// The im2col panels, element by element: output pixel p = (oy, ox) reads input row
+// oy·stride − pad + ky and column ox·stride − pad + kx of channel c, or 0 outside the image.
+static void pack_im2col_plain(const GemmIm2col* g, int p0, int k0, int mn, int kc, int w, float* dst) {
+    for (int q = 0; q < mn; q += w, dst += (size_t)w * kc)
+        for (int r = 0; r < w; r++) {
+            int p = p0 + q + r, iy0 = p / g->Wo * g->stride - g->pad, ix0 = p % g->Wo * g->stride - g->pad;
+            int c = k0 / (g->K * g->K), ky = k0 / g->K % g->K, kx = k0 % g->K;
+            for (int k = 0; k < kc; k++) {
+                int iy = iy0 + ky, ix = ix0 + kx;
+                int inside = q + r < mn && iy >= 0 && iy < g->H && ix >= 0 && ix < g->W;
+                dst[k * w + r] = inside ? g->x[((size_t)c * g->H + iy) * g->W + ix] : 0.0f;
+                if (++kx == g->K) { kx = 0; if (++ky == g->K) { ky = 0; c++; } }
+            }
+        }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,21 +476,34 @@ static void transpose16(__m512 r[16]) {
     }
 }
 
+// 16 consecutive elements of x from index i (lanes outside m read as 0), floats or fp16.
+__attribute__((target("avx512f"), always_inline))
+static inline __m512 load16(const void* x, int f16, size_t i, __mmask16 m) {
+    if (!f16) return _mm512_maskz_loadu_ps(m, (const float*)x + i);
+    const uint16_t* h = (const uint16_t*)x + i;
+    if (m == 0xFFFF) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)h));
+    uint16_t t[16] = {0};
+    for (int l = 0; l < 16; l++) if (m >> l & 1) t[l] = h[l];
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)t));
+}
+
 // pack_panels with vectors: columns are copied 16 at a time; rows (A without transA, B with
-// transB) go through 16×16 transposes, while the next panel's rows are prefetched.
-__attribute__((target("avx512f")))
-static void pack_avx512(const float* x, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+// transB) go through 16×16 transposes, while the next panel's rows are prefetched. Inlined into
+// a float and an fp16 version.
+__attribute__((target("avx512f"), always_inline))
+static inline void pack_avx512_any(const void* x, int f16, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+    size_t esz = f16 ? sizeof(uint16_t) : sizeof(float);
     if (rs == 1) {
         for (int k = 0; k < kc; k++) {
-            const float* src = x + (size_t)k * cs;
+            size_t src = (size_t)k * cs;
             float* d = dst + (size_t)k * w;
             for (int q = 0; q < mn; q += w, d += (size_t)w * kc)
                 for (int r0 = 0; r0 < w; r0 += 16) {
                     __m512 v = _mm512_setzero_ps();
                     if (q + r0 < mn) {
                         if (k + GEMM_PREFETCH_ROWS < kc)
-                            __builtin_prefetch(src + GEMM_PREFETCH_ROWS * cs + q + r0);
-                        v = _mm512_maskz_loadu_ps(mask16(mn - q - r0), src + q + r0);
+                            __builtin_prefetch((const char*)x + (src + GEMM_PREFETCH_ROWS * cs + q + r0) * esz);
+                        v = load16(x, f16, src + q + r0, mask16(mn - q - r0));
                     }
                     _mm512_mask_storeu_ps(d + r0, mask16(w - r0), v);
                 }
@@ -473,7 +512,7 @@ static void pack_avx512(const float* x, size_t rs, size_t cs, int mn, int kc, in
     }
     for (int q = 0; q < mn; q += w, dst += (size_t)w * kc) {
         for (int r0 = 0; r0 < w; r0 += 16) {
-            const float* xr = x + (size_t)q * rs;         // row q + r0 + r at xr + (r0 + r)·rs
+            size_t xr = (size_t)q * rs;                   // row q + r0 + r at xr + (r0 + r)·rs
             float* d = dst + r0;
             int rows = mn - q - r0;                       // valid rows from r0 (may exceed 16)
             __mmask16 out = mask16(w - r0);               // lanes inside the panel
@@ -482,9 +521,8 @@ static void pack_avx512(const float* x, size_t rs, size_t cs, int mn, int kc, in
                 __mmask16 kin = mask16(kc - k0);
                 UNROLL
                 for (int r = 0; r < 16; r++) {
-                    if (r + w < rows) __builtin_prefetch(xr + (size_t)(r0 + r + w) * rs + k0);
-                    v[r] = r < rows ? _mm512_maskz_loadu_ps(kin, xr + (size_t)(r0 + r) * rs + k0)
-                                    : _mm512_setzero_ps();
+                    if (r + w < rows) __builtin_prefetch((const char*)x + (xr + (size_t)(r0 + r + w) * rs + k0) * esz);
+                    v[r] = r < rows ? load16(x, f16, xr + (size_t)(r0 + r) * rs + k0, kin) : _mm512_setzero_ps();
                 }
                 transpose16(v);
                 UNROLL
@@ -494,16 +532,76 @@ static void pack_avx512(const float* x, size_t rs, size_t cs, int mn, int kc, in
         }
     }
 }
+
+__attribute__((target("avx512f")))
+static void pack_avx512(const void* x, int f16, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+    if (f16) pack_avx512_any(x, 1, rs, cs, mn, kc, w, dst);
+    else pack_avx512_any(x, 0, rs, cs, mn, kc, w, dst);
+}
+
+// pack_im2col_plain with vectors, 16 pixels at a time. With stride 1 and the 16 pixels in one
+// output row (always, when Wo is a multiple of 16 and panels start at multiples of 16), their
+// inputs are 16 consecutive floats of one input row: one masked load, the mask cutting the
+// zero padding. Otherwise a masked gather. The (c, ky, kx) index advances without divisions.
+#define GEMM_MAX_NR 48
+__attribute__((target("avx512f")))
+static void pack_im2col_avx512(const GemmIm2col* g, int p0, int k0, int mn, int kc, int w, float* dst) {
+    int KK = g->K * g->K;
+    size_t HW = (size_t)g->H * g->W;
+    for (int q = 0; q < mn; q += w, dst += (size_t)w * kc) {
+        int ng = w / 16, row[GEMM_MAX_NR / 16], ix0[GEMM_MAX_NR / 16];
+        __mmask16 in[GEMM_MAX_NR / 16];
+        __m512i viy[GEMM_MAX_NR / 16], vix[GEMM_MAX_NR / 16];
+        for (int v = 0; v < ng; v++) {     // per group: input row/column of each lane at ky = kx = 0
+            int p = p0 + q + 16 * v, oy = p / g->Wo, ox = p % g->Wo;
+            in[v] = mask16(mn - q - 16 * v);
+            row[v] = g->stride == 1 && ox + 15 < g->Wo ? oy - g->pad : INT32_MIN;   // one row: fast path
+            ix0[v] = ox - g->pad;
+            int32_t t[16], u[16];           // each lane's output row and column
+            for (int l = 0; l < 16; l++) { t[l] = (p + l) / g->Wo; u[l] = (p + l) % g->Wo; }
+            __m512i voy = _mm512_loadu_si512(t), vox = _mm512_loadu_si512(u);
+            viy[v] = _mm512_sub_epi32(_mm512_mullo_epi32(voy, _mm512_set1_epi32(g->stride)), _mm512_set1_epi32(g->pad));
+            vix[v] = _mm512_sub_epi32(_mm512_mullo_epi32(vox, _mm512_set1_epi32(g->stride)), _mm512_set1_epi32(g->pad));
+        }
+        int c = k0 / KK, ky = k0 / g->K % g->K, kx = k0 % g->K;
+        for (int k = 0; k < kc; k++) {
+            const float* xc = g->x + (size_t)c * HW;
+            float* d = dst + (size_t)k * w;
+            for (int v = 0; v < ng; v++) {
+                __m512 val = _mm512_setzero_ps();
+                if (row[v] != INT32_MIN) {
+                    int iy = row[v] + ky, ix = ix0[v] + kx;
+                    if (iy >= 0 && iy < g->H && in[v]) {
+                        int lo = ix < 0 ? -ix : 0, hi = g->W - ix < 16 ? g->W - ix : 16;
+                        __mmask16 m = in[v] & (__mmask16)(mask16(hi) & ~mask16(lo));
+                        if (m) val = _mm512_maskz_loadu_ps(m, xc + (size_t)iy * g->W + ix);
+                    }
+                } else if (in[v]) {
+                    __m512i iy = _mm512_add_epi32(viy[v], _mm512_set1_epi32(ky));
+                    __m512i ix = _mm512_add_epi32(vix[v], _mm512_set1_epi32(kx));
+                    __mmask16 m = in[v] & _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
+                                  _mm512_cmplt_epi32_mask(iy, _mm512_set1_epi32(g->H)) &
+                                  _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
+                                  _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(g->W));
+                    __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(iy, _mm512_set1_epi32(g->W)), ix);
+                    val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xc, 4);
+                }
+                _mm512_store_ps(d + 16 * v, val);
+            }
+            if (++kx == g->K) { kx = 0; if (++ky == g->K) { ky = 0; c++; } }
+        }
+    }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
 // kernel choice
 
-static const GemmArch ARCH_SCALAR = {"scalar", pack_panels,
+static const GemmArch ARCH_SCALAR = {"scalar", pack_panels, pack_im2col_plain,
                                      {{kernel_scalar, SCALAR_MR, SCALAR_NR}}};
 #if GEMM_X86
-static const GemmArch ARCH_AVX2 = {"avx2", pack_panels, {{kernel_avx2, 6, 16}}};
-static const GemmArch ARCH_AVX512 = {"avx512", pack_avx512,
+static const GemmArch ARCH_AVX2 = {"avx2", pack_panels, pack_im2col_plain, {{kernel_avx2, 6, 16}}};
+static const GemmArch ARCH_AVX512 = {"avx512", pack_avx512, pack_im2col_avx512,
                                      {{kernel_avx512_12x32, 12, 32}, {kernel_avx512_8x48, 8, 48}}};
 #endif
 static const GemmArch* gemm_arch_chosen;
@@ -532,20 +630,49 @@ const char* sgemm_kernel_name(void) { return gemm_arch()->name; }
 // ---------------------------------------------------------------------------------------------
 // the blocked loops
 
-// One sgemm call; op(A)(i,k) = A[i·ars + k·acs], op(B)(k,j) = B[k·brs + j·bcs].
+// An operand as the packing routines read it: X(r, k) = x[r·rs + k·cs] (floats, or fp16 when
+// f16), or the im2col matrix im (B only; r = pixel, k = (c, ky, kx)). r runs over op(A)'s rows
+// or op(B)'s columns.
+typedef struct Operand {
+    const void* x;
+    int f16;
+    const GemmIm2col* im;
+    size_t rs, cs;
+} Operand;
+
+// One sgemm call.
 typedef struct Gemm {
-    PackFn pack;
+    const GemmArch* arch;
     GemmKernel kern;
     int M, N, K;
     float alpha, beta;
-    const float* A;
-    size_t ars, acs;
-    const float* B;
-    size_t brs, bcs;
+    Operand A, B;
+    const float* bias;    // added after the product: bias[i] to row i (bias_rows), or bias[j] to column j
+    int bias_rows;
     float* C;
     int ldc;
     int split_m;          // threads split rows (1) or columns (0) into whole micro-tiles
 } Gemm;
+
+// C[m×n] += bias, while the tile is still in L1 (the same additions as a pass over C afterwards).
+static void tile_bias(float* c, int ldc, const float* bias, int bias_rows, int m, int n) {
+    for (int i = 0; i < m; i++) {
+        float* ci = c + (size_t)i * ldc;
+        if (bias_rows) for (int j = 0; j < n; j++) ci[j] += bias[i];
+        else for (int j = 0; j < n; j++) ci[j] += bias[j];
+    }
+}
+
+// Packs rows [r0, r0+mn) × columns [k0, k0+kc) of the operand into w-wide panels.
+static void pack_operand(const GemmArch* g, const Operand* o, int r0, int k0, int mn, int kc, int w, float* dst) {
+    if (o->im) {
+        g->pack_im2col(o->im, r0, k0, mn, kc, w, dst);
+        return;
+    }
+    size_t off = (size_t)r0 * o->rs + (size_t)k0 * o->cs;
+    const void* x = o->f16 ? (const void*)((const uint16_t*)o->x + off) : (const void*)((const float*)o->x + off);
+    g->pack(x, o->f16, o->rs, o->cs, mn, kc, w, dst);
+}
 
 // Each thread's pack buffers, allocated on its first sgemm (freed when a worker exits).
 static float* pack_buffer(void) {
@@ -569,17 +696,18 @@ static void gemm_blocked(const Gemm* p, int i0, int i1, int j0, int j1) {
         for (int pc = 0; pc < p->K; pc += kcb) {
             int kc = imin(kcb, p->K - pc);
             float beta = pc == 0 ? p->beta : 1.0f;
-            p->pack(p->B + (size_t)pc * p->brs + (size_t)jc * p->bcs, p->bcs, p->brs,
-                    nc, kc, nr, Bp);
+            pack_operand(p->arch, &p->B, jc, pc, nc, kc, nr, Bp);
             for (int ic = i0; ic < i1; ic += mcb) {
                 int mc = imin(mcb, i1 - ic);
-                p->pack(p->A + (size_t)ic * p->ars + (size_t)pc * p->acs, p->ars, p->acs,
-                        mc, kc, mr, Ap);
+                pack_operand(p->arch, &p->A, ic, pc, mc, kc, mr, Ap);
                 for (int jr = 0; jr < nc; jr += nr)
-                    for (int ir = 0; ir < mc; ir += mr)
-                        p->kern.fn(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
-                                   p->C + (size_t)(ic + ir) * p->ldc + jc + jr, p->ldc,
-                                   p->alpha, beta, imin(mr, mc - ir), imin(nr, nc - jr));
+                    for (int ir = 0; ir < mc; ir += mr) {
+                        float* c = p->C + (size_t)(ic + ir) * p->ldc + jc + jr;
+                        int m = imin(mr, mc - ir), n = imin(nr, nc - jr);
+                        p->kern.fn(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc, c, p->ldc, p->alpha, beta, m, n);
+                        if (p->bias && pc + kc == p->K)
+                            tile_bias(c, p->ldc, p->bias_rows ? p->bias + ic + ir : p->bias + jc + jr, p->bias_rows, m, n);
+                    }
             }
         }
     }
@@ -602,12 +730,21 @@ static double padded_area(int M, int N, GemmKernel k) {
     return (double)((M + k.mr - 1) / k.mr * k.mr) * ((N + k.nr - 1) / k.nr * k.nr);
 }
 
-void sgemm(int transA, int transB, int M, int N, int K, float alpha,
-           const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+static Operand operand(GemmOperand o, int is_b, int rows, int cols) {
+    int ld = o.trans ? rows : cols;      // the stored matrix is rows×cols, or its transpose
+    CHECK(!o.im2col || is_b, "sgemm_op: an im2col operand must be B");
+    CHECK(o.im2col || o.ld >= ld, "sgemm_op: leading dimension %d of %s too small (needs %d)", o.ld, is_b ? "B" : "A", ld);
+    if (o.im2col) return (Operand){NULL, 0, o.im2col, 0, 0};
+    size_t along = o.trans ? 1 : (size_t)o.ld, across = o.trans ? (size_t)o.ld : 1;   // op(X)(i, j) strides
+    const void* x = o.f16 ? (const void*)o.f16 : (const void*)o.f32;
+    // packing reads A by (row, k) and B by (column, k)
+    return is_b ? (Operand){x, o.f16 != NULL, NULL, across, along} : (Operand){x, o.f16 != NULL, NULL, along, across};
+}
+
+void sgemm_op(int M, int N, int K, float alpha, GemmOperand A, GemmOperand B, float beta, const float* bias,
+              int bias_rows, float* C, int ldc) {
     CHECK(M >= 0 && N >= 0 && K >= 0, "sgemm: negative size M=%d N=%d K=%d", M, N, K);
-    CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
-          "sgemm: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)",
-          M, N, K, lda, ldb, ldc);
+    CHECK(ldc >= N, "sgemm: leading dimension of C too small (N=%d ldc=%d)", N, ldc);
     if (M == 0 || N == 0) return;
     atomic_fetch_add(&gemm_flops, 2ull * (unsigned long long)M * N * K);
     if (K == 0 || alpha == 0.0f) {        // BLAS: A and B are not read, C = beta·C
@@ -616,15 +753,19 @@ void sgemm(int transA, int transB, int M, int N, int K, float alpha,
                 float* c = &C[(size_t)i * ldc + j];
                 *c = beta == 0.0f ? 0.0f : beta * *c;
             }
+        if (bias) tile_bias(C, ldc, bias, bias_rows, M, N);
         return;
+    }
+    if (B.im2col) {
+        const GemmIm2col* g = B.im2col;
+        CHECK(K == g->C * g->K * g->K && g->Wo > 0 && g->stride > 0, "sgemm_op: im2col of %d×%d×%d (k %d) for K=%d",
+              g->C, g->H, g->W, g->K, K);
     }
     const GemmArch* g = gemm_arch();
     GemmKernel kern = g->kernels[0];
     if (g->kernels[1].fn && padded_area(M, N, g->kernels[1]) < padded_area(M, N, kern))
         kern = g->kernels[1];
-    Gemm p = {g->pack, kern, M, N, K, alpha, beta,
-              A, transA ? 1 : (size_t)lda, transA ? (size_t)lda : 1,
-              B, transB ? 1 : (size_t)ldb, transB ? (size_t)ldb : 1, C, ldc, 1};
+    Gemm p = {g, kern, M, N, K, alpha, beta, operand(A, 0, M, K), operand(B, 1, K, N), bias, bias_rows, C, ldc, 1};
     int nt = (double)M * N * K < GEMM_SERIAL_WORK ? 1 : threads_count();
     if (nt == 1) {
         gemm_blocked(&p, 0, M, 0, N);
@@ -637,6 +778,16 @@ void sgemm(int transA, int transB, int M, int N, int K, float alpha,
     double work_n = (double)((pn + nt - 1) / nt) * kern.nr * pm * kern.mr;
     p.split_m = work_m < 0.97 * work_n || (work_n >= 0.97 * work_m && M >= N);
     parallel_for(p.split_m ? pm : pn, gemm_task, &p);
+}
+
+void sgemm(int transA, int transB, int M, int N, int K, float alpha,
+           const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+    CHECK(M >= 0 && N >= 0 && K >= 0, "sgemm: negative size M=%d N=%d K=%d", M, N, K);
+    CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
+          "sgemm: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)",
+          M, N, K, lda, ldb, ldc);
+    sgemm_op(M, N, K, alpha, (GemmOperand){A, NULL, NULL, lda, transA}, (GemmOperand){B, NULL, NULL, ldb, transB},
+             beta, NULL, 0, C, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -991,3 +991,48 @@ Image image_contact_sheet(const Image* imgs, const char* const* labels, int n, i
     }
     return sheet;
 }
+
+// ----------------------------------------------------------------------------------------------
+// the candidates manifest beside the contact sheet
+
+int manifest_lookup(const char* text, size_t len, long number, char* object, size_t ocap, char* file, size_t fcap) {
+    size_t pos = 0;
+    while (pos < len) {
+        size_t end = pos;
+        while (end < len && text[end] != '\n') end++;
+        const char* f[4];
+        size_t fl[4];
+        int nf = 0;
+        for (size_t a = pos; nf < 4 && a <= end; ) {   // up to 4 tab-separated fields
+            size_t b = a;
+            while (b < end && text[b] != '\t') b++;
+            f[nf] = text + a;
+            fl[nf++] = b - a;
+            a = b + 1;
+        }
+        long num = -1;
+        if (nf == 4 && fl[0] > 0 && fl[0] < 12) {
+            num = 0;
+            for (size_t i = 0; i < fl[0] && num >= 0; i++)
+                num = f[0][i] >= '0' && f[0][i] <= '9' ? num * 10 + (f[0][i] - '0') : -1;
+        }
+        if (num == number) {
+            if (fl[1] == 0 || fl[1] >= ocap || fl[3] == 0 || fl[3] >= fcap) {
+                error_set("manifest line of candidate %ld: object or file name empty or too long", number);
+                return -1;
+            }
+            memcpy(object, f[1], fl[1]); object[fl[1]] = 0;
+            memcpy(file, f[3], fl[3]); file[fl[3]] = 0;
+            if (strchr(file, '/') || strchr(file, '\\') || strcmp(file, ".") == 0 || strcmp(file, "..") == 0 ||
+                memchr(f[1], 0, fl[1]) || memchr(f[3], 0, fl[3])) {
+                error_set("manifest line of candidate %ld names the file '%s'; expected a plain file name in the same folder",
+                          number, file);
+                return -1;
+            }
+            return 0;
+        }
+        pos = end + 1;
+    }
+    error_set("no candidate number %ld in the manifest (see the contact sheet for the numbers)", number);
+    return -1;
+}

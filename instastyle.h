@@ -146,6 +146,25 @@ void sgemm(int transA, int transB, int M, int N, int K, float alpha,
 // The plain triple loop, kept as the reference the fast path is tested against.
 void sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
                const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc);
+// sgemm with described operands. A GemmOperand is a float matrix (f32, ld, trans as in sgemm),
+// the same stored as IEEE fp16 (f16: frozen weights under --weights fp16, converted exactly to
+// fp32 while packing), or, for B only, the im2col matrix of an image (implicit-GEMM convolution:
+// packed straight from the image, never stored). Packing is all that differs, so the result
+// equals sgemm on the materialised fp32 matrix bit for bit. bias (NULL: none) is added after the
+// product, bias[i] to row i (bias_rows) or bias[j] to column j: C = alpha·op(A)·op(B) + beta·C + bias,
+// the same additions as a pass over C afterwards, made while each tile is in cache.
+typedef struct GemmIm2col {            // rows k = (c, ky, kx) of C·K·K, columns p = (oy, ox) of Ho·Wo:
+    const float* x;                    // x[c, oy·stride − pad + ky, ox·stride − pad + kx], 0 outside
+    int C, H, W, K, stride, pad, Wo;   // x [C, H, W]; pad on top/left
+} GemmIm2col;
+typedef struct GemmOperand {
+    const float* f32;
+    const uint16_t* f16;
+    const GemmIm2col* im2col;
+    int ld, trans;
+} GemmOperand;
+void sgemm_op(int M, int N, int K, float alpha, GemmOperand A, GemmOperand B, float beta, const float* bias,
+              int bias_rows, float* C, int ldc);
 const char* sgemm_kernel_name(void);      // "avx512", "avx2", "scalar"
 double sgemm_flop_count(void);            // 2·M·N·K summed over every sgemm call so far
 
@@ -169,6 +188,14 @@ void conv2d_forward(float* out, const float* inp, const float* w, const float* b
                     int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
 void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
                            int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
+// The same with frozen IEEE fp16 weights (--weights fp16), converted exactly while sgemm packs
+// them: bitwise equal to the fp32 functions on the converted weights.
+void linear_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int M, int IN, int OUT);
+void linear_backward_f16(float* dinp, const float* dout, const uint16_t* w, int M, int IN, int OUT);
+void conv2d_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int N, int C,
+                        int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi);
+void conv2d_backward_input_f16(float* dinp, const float* dout, const uint16_t* w, int N, int C, int H, int W,
+                               int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
 void groupnorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
                        const float* b, int N, int C, int HW, int G, float eps, int silu);
 void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean, const float* rstd,
@@ -249,11 +276,16 @@ typedef struct VaeConfig {
 } VaeConfig;
 
 // primitives: pointers into the loaded weights
+// A frozen weight is fp32 (w) or, loaded with SD_F16, IEEE fp16 (w16; w NULL).
 typedef struct Linear {
     const float* w; const float* b; int in, out;   // w (out, in)
     float* dw;                                     // gradient of w when trained (K/V mode), else NULL
+    const uint16_t* w16;                           // w in fp16 (SD_F16), else NULL
 } Linear;
-typedef struct Conv2d { const float* w; const float* b; int in, out, k, stride, pad_lo, pad_hi; } Conv2d;
+typedef struct Conv2d {
+    const float* w; const uint16_t* w16; const float* b;   // w (out, in, k, k), or w16 under SD_F16
+    int in, out, k, stride, pad_lo, pad_hi;
+} Conv2d;
 typedef struct Norm { const float* w; const float* b; int C, G; float eps; } Norm;  // G = 0: LayerNorm
 
 typedef struct ResBlock {
@@ -344,7 +376,10 @@ typedef struct SchedulerConfig {
     char beta_schedule[32], spacing[32], prediction[32];
 } SchedulerConfig;
 
-enum { SD_TEXT = 1, SD_UNET = 2, SD_VAE = 4, SD_TOKENIZER = 8, SD_ALL = 15 };
+// Components to load; SD_F16 (--weights fp16) keeps the frozen linear and conv weights in fp16
+// (half the memory; sgemm converts them while packing). Norms, biases, embeddings and attn2's
+// to_k / to_v (which training replaces or reads) stay fp32.
+enum { SD_TEXT = 1, SD_UNET = 2, SD_VAE = 4, SD_TOKENIZER = 8, SD_ALL = 15, SD_F16 = 16 };
 
 typedef struct StableDiffusion {
     ClipTextModel clip;
@@ -356,16 +391,21 @@ typedef struct StableDiffusion {
     int nfiles, ldm, loaded;           // loaded: SD_* mask
     char* path;
     int64_t params[3];                 // parameter counts: text, unet, vae
+    int f16;                           // loaded with SD_F16
+    void** owned;                      // converted and random tensors, freed by sd_free
+    int nowned, capowned;
     struct TrainParams* trained;       // applied by trained_apply (lora.c), freed by sd_free
 } StableDiffusion;
 
-// path: a diffusers folder or an LDM single-file .safetensors; tokenizer_dir: folder with
-// vocab.json + merges.txt (NULL: <path>/tokenizer); config_dir: a diffusers folder whose
-// config.json files describe an LDM file (NULL: SD 1.5's defaults). Exits with a message on error.
+// path: a diffusers folder or an LDM single-file .safetensors, or "random:sd15" (full-size SD 1.5
+// with random weights, for timing and memory measurements; needs tokenizer_dir); tokenizer_dir:
+// folder with vocab.json + merges.txt (NULL: <path>/tokenizer); config_dir: a diffusers folder whose
+// config.json files describe an LDM file (NULL: SD 1.5's defaults). components: SD_* mask, with
+// SD_F16 for fp16 weights. Exits with a message on error.
 void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, const char* config_dir,
              int components, int verbose);
 void sd_free(StableDiffusion* sd);
-// Full-size SD 1.5 with random weights (bench): no file needed.
+// Full-size SD 1.5 with random weights (bench): no file needed. components as for sd_load.
 void sd_build_random(StableDiffusion* sd, int components, uint64_t seed);
 void sd_default_configs(ClipConfig* c, UNetConfig* u, VaeConfig* v, SchedulerConfig* s);
 
@@ -431,6 +471,11 @@ void ddim_invert(const UNet* u, const Schedule* s, float* z, float* latents, con
 void ddim_sample(const UNet* u, const Schedule* s, float* z, float* latents, const float* ctx, int K,
                  const float* guidance, int Tc, int h, int w, int first, DdimProgress progress, void* pctx,
                  Arena* scratch);
+// Noise files ("latent" F32 [1, C, h, w], h, w <= NOISE_MAX_SIDE): the latent (caller frees), or
+// NULL + error_last() for anything else (missing tensor, wrong dtype/shape, NaN/Inf).
+#define NOISE_MAX_SIDE 512
+float* noise_from_st(SafeTensors* st, int C, int* h, int* w);
+float* noise_load(const char* path, int C, int* h, int* w);
 
 // ---------------------------------------------------------------------------------------------
 // lora.c: trainable parameters (added-token rows, LoRA on attn2 to_k/to_v, or full K/V), loss,
@@ -569,6 +614,10 @@ Image image_from_nchw(const float* x, int h, int w);         // clamps (x+1)/2 t
 Image image_contact_sheet(const Image* imgs, const char* const* labels, int n, int cols);
 void image_draw_text(Image* img, int x, int y, const char* text, int scale,
                      unsigned char r, unsigned char g, unsigned char b);
+// The candidates manifest (manifest.tsv: "number\tobject\tprompt\tfile" lines, a header first):
+// finds candidate `number`, copies its object and file name. 0, or -1 + error_last() (absent,
+// malformed, or a file name that leaves the folder).
+int manifest_lookup(const char* text, size_t len, long number, char* object, size_t ocap, char* file, size_t fcap);
 
 #ifdef __cplusplus
 }

@@ -179,6 +179,7 @@ void train_attach(TrainParams* tp, StableDiffusion* sd) {
     }
     sd->clip.added = tp->ntok ? tp->tok : NULL;
     sd->clip.n_added = tp->ntok;
+    if (sd->tok) tokenizer_clear_added(sd->tok);   // the trained tokens are the only added ones
     for (int k = 0; k < tp->ntok && sd->tok; k++) {
         int id = tokenizer_add_token(sd->tok, tp->tokens[k]);
         CHECK(id == tokenizer_vocab_size(sd->tok) + k, "token %s got id %d, expected %d (another added token is in the way)",
@@ -400,11 +401,30 @@ fail:
     return -1;
 }
 
+// Token names come from files: each must become a new id (vocab_size + k), so a name that is a
+// word of the vocabulary, or a repeated name, is refused here rather than mis-wired later.
+static int tokens_check(const TrainParams* tp, StableDiffusion* sd, const char* path) {
+    if (!sd->tok) return 0;
+    tokenizer_clear_added(sd->tok);
+    int ok = 1;
+    for (int k = 0; k < tp->ntok && ok; k++) {
+        int id = tokenizer_add_token(sd->tok, tp->tokens[k]);
+        if (id != tokenizer_vocab_size(sd->tok) + k) {
+            error_set("%s: token name '%s' is a word of the vocabulary, repeated, or not valid UTF-8; "
+                      "expected a new token such as <style1>", path, tp->tokens[k]);
+            ok = 0;
+        }
+    }
+    tokenizer_clear_added(sd->tok);
+    return ok ? 0 : -1;
+}
+
 int train_load(TrainParams* tp, StableDiffusion* sd, const char* path, Rng* rng) {
     SafeTensors st;
     if (st_open(&st, path)) return -1;
     int rc = train_from_st(tp, sd, &st, rng, 1);
     st_close(&st);
+    if (rc == 0 && tokens_check(tp, sd, path) != 0) { train_params_free(tp); return -1; }
     return rc;
 }
 
@@ -565,6 +585,7 @@ int trained_apply(StableDiffusion* sd, const char* path) {
         rc = lora ? import_lora(tp, sd, &st, old) : import_embedding(tp, sd, &st, old);
     }
     st_close(&st);
+    if (!rc) rc = tokens_check(tp, sd, path);
     if (rc) {
         if (tp->mem) train_params_free(tp);
         free(tp);

@@ -17,6 +17,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 // Backward kernels split independent outputs over threads only when there is enough work: below
@@ -29,13 +30,118 @@ static void parallel_for_work(int n, size_t work, void (*fn)(void* ctx, int begi
 }
 
 // ----------------------------------------------------------------------------------------------
-// linear: out[M, OUT] = inp[M, IN] · w[OUT, IN]ᵀ + b[OUT]   (b may be NULL)
+// row kernels of the softmax and the fused norm + SiLU: an AVX-512 path chosen at run time from
+// the CPU's features, and the plain loop beside it. exp is Cephes' expf (Moshier): e^x =
+// 2^n · e^r with n = round(x·log2 e), r = x − n·ln 2 (two-part ln 2), e^r a degree-6
+// polynomial; relative error about 2 ulp over the float range.
 
+typedef struct RowOps {
+    float (*max)(const float* x, int n);
+    float (*exp_sum)(float* x, int n, float shift);             // x ← e^(x − shift); returns Σ x
+    void (*affine)(float* out, const float* x, int n, float scale, float shift, int silu);  // (x·scale + shift), SiLU
+} RowOps;
+
+static float max_plain(const float* x, int n) {
+    float m = -FLT_MAX;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+static float exp_sum_plain(float* x, int n, float shift) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - shift); sum += x[i]; }
+    return sum;
+}
+static void affine_plain(float* out, const float* x, int n, float scale, float shift, int silu) {
+    if (silu) for (int i = 0; i < n; i++) { float v = x[i] * scale + shift; out[i] = v / (1.0f + expf(-v)); }
+    else for (int i = 0; i < n; i++) out[i] = x[i] * scale + shift;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f")))
+
+AVX512 static __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+AVX512 static float max_avx512(const float* x, int n) {
+    __m512 m = _mm512_set1_ps(-FLT_MAX);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    if (i < n) m = _mm512_mask_max_ps(m, (__mmask16)((1u << (n - i)) - 1), m, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1), x + i));
+    return _mm512_reduce_max_ps(m);
+}
+AVX512 static float exp_sum_avx512(float* x, int n, float shift) {
+    __m512 acc = _mm512_setzero_ps(), sh = _mm512_set1_ps(shift);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh));
+        _mm512_mask_storeu_ps(x + i, k, e);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+AVX512 static void affine_avx512(float* out, const float* x, int n, float scale, float shift, int silu) {
+    __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i), a, b);
+        if (silu) v = _mm512_div_ps(v, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+        _mm512_mask_storeu_ps(out + i, k, v);
+    }
+}
+#endif
+
+static const RowOps* row_ops(void) {
+    static RowOps ops;
+    static int ready;
+    if (!ready) {
+        RowOps o = {max_plain, exp_sum_plain, affine_plain};
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && !getenv("INSTASTYLE_NO_AVX512")) o = (RowOps){max_avx512, exp_sum_avx512, affine_avx512};
+#endif
+        ops = o;
+        ready = 1;
+    }
+    return &ops;
+}
+
+// ----------------------------------------------------------------------------------------------
+// linear: out[M, OUT] = inp[M, IN] · w[OUT, IN]ᵀ + b[OUT]   (b may be NULL)
+// Frozen weights may be fp16 (the _f16 variants, --weights fp16): sgemm converts them exactly
+// while packing, so an fp16 weight gives the same bits as its fp32 conversion.
+
+static GemmOperand matrix(const float* x, int ld, int trans) { return (GemmOperand){x, NULL, NULL, ld, trans}; }
+static GemmOperand weight(const float* w, const uint16_t* w16, int ld, int trans) {
+    return (GemmOperand){w16 ? NULL : w, w16, NULL, ld, trans};
+}
+
+static void linear_run(float* out, const float* inp, GemmOperand w, const float* b, int M, int IN, int OUT) {
+    sgemm_op(M, OUT, IN, 1.0f, matrix(inp, IN, 0), w, 0.0f, b, 0, out, OUT);
+}
 void linear_forward(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT) {
-    sgemm(0, 1, M, OUT, IN, 1.0f, inp, IN, w, IN, 0.0f, out, OUT);
-    if (b)
-        for (int m = 0; m < M; m++)
-            for (int o = 0; o < OUT; o++) out[(size_t)m * OUT + o] += b[o];
+    linear_run(out, inp, weight(w, NULL, IN, 1), b, M, IN, OUT);
+}
+void linear_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int M, int IN, int OUT) {
+    linear_run(out, inp, weight(NULL, w, IN, 1), b, M, IN, OUT);
 }
 
 // dinp[M, IN] += dout · w;  dw[OUT, IN] += doutᵀ · inp;  db[OUT] += Σ_m dout.
@@ -47,71 +153,55 @@ void linear_backward(float* dinp, float* dw, float* db, const float* dout, const
         for (int m = 0; m < M; m++)
             for (int o = 0; o < OUT; o++) db[o] += dout[(size_t)m * OUT + o];
 }
+// The input gradient through a frozen fp16 weight: dinp += dout · w.
+void linear_backward_f16(float* dinp, const float* dout, const uint16_t* w, int M, int IN, int OUT) {
+    sgemm_op(M, IN, OUT, 1.0f, matrix(dout, OUT, 0), weight(NULL, w, IN, 0), 1.0f, NULL, 0, dinp, IN);
+}
 
 // ----------------------------------------------------------------------------------------------
 // conv2d: out[N, OC, Ho, Wo] = w[OC, C, K, K] ⊛ inp[N, C, H, W] + b, stride s, zero padding
 // pad_lo on top/left and pad_hi on bottom/right (the VAE encoder's down-sampling pads (0, 1)).
-// Ho = (H + pad_lo + pad_hi − K) / s + 1. Computed as GEMM over im2col tiles of at most
-// CONV_TILE_BYTES, never a column buffer of the whole layer; 1×1 stride-1 convs are one GEMM.
+// Ho = (H + pad_lo + pad_hi − K) / s + 1. Implicit GEMM: out[n] = w[OC, C·K·K] · col, where col
+// [C·K·K, Ho·Wo] is the im2col matrix of inp[n], which sgemm packs panel by panel straight from
+// the image (GemmIm2col): no column buffer at all. 1×1 stride-1 convs are a plain GEMM. The bias
+// is added by sgemm as each tile is finished.
 
-#define CONV_TILE_BYTES ((size_t)16 << 20)
-
-typedef struct Im2col {
-    float* col;                 // [C·K·K, np] for output pixels p0 .. p0+np−1
-    const float* x;             // [C, H, W] one image
-    int C, H, W, K, stride, pad, Wo, p0, np;
-} Im2col;
-
-static void im2col_rows(void* ctx, int r0, int r1) {
-    const Im2col* a = ctx;
-    for (int r = r0; r < r1; r++) {          // r = (c, ky, kx)
-        int c = r / (a->K * a->K), ky = (r / a->K) % a->K, kx = r % a->K;
-        const float* xc = a->x + (size_t)c * a->H * a->W;
-        float* dst = a->col + (size_t)r * a->np;
-        for (int i = 0; i < a->np; i++) {
-            int p = a->p0 + i, oy = p / a->Wo, ox = p % a->Wo;
-            int iy = oy * a->stride - a->pad + ky, ix = ox * a->stride - a->pad + kx;
-            dst[i] = (iy >= 0 && iy < a->H && ix >= 0 && ix < a->W) ? xc[(size_t)iy * a->W + ix] : 0.0f;
-        }
+static void conv_run(float* out, const float* inp, GemmOperand w, const float* b, int N, int C, int H, int W,
+                     int OC, int K, int stride, int pad_lo, int pad_hi) {
+    int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
+    size_t HWo = (size_t)Ho * Wo, CKK = (size_t)C * K * K;
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C * H * W;
+        float* o = out + (size_t)n * OC * HWo;
+        GemmIm2col im = {x, C, H, W, K, stride, pad_lo, Wo};
+        int plain = K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0;
+        sgemm_op(OC, (int)HWo, (int)CKK, 1.0f, w, plain ? matrix(x, (int)HWo, 0) : (GemmOperand){NULL, NULL, &im, 0, 0},
+                 0.0f, b, 1, o, (int)HWo);
     }
-}
-
-static void add_channel_bias(float* out, const float* b, int OC, size_t HW) {
-    for (int o = 0; o < OC; o++)
-        for (size_t p = 0; p < HW; p++) out[o * HW + p] += b[o];
 }
 
 void conv2d_forward(float* out, const float* inp, const float* w, const float* b, int N, int C,
                     int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
-    int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
-    size_t HWo = (size_t)Ho * Wo, CKK = (size_t)C * K * K;
-    if (K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0) {
-        for (int n = 0; n < N; n++)
-            sgemm(0, 0, OC, (int)HWo, C, 1.0f, w, C, inp + (size_t)n * C * HWo, (int)HWo, 0.0f,
-                  out + (size_t)n * OC * HWo, (int)HWo);
-    } else {
-        size_t tile = CONV_TILE_BYTES / (CKK * sizeof(float));
-        if (tile < 256) tile = 256;
-        if (tile > HWo) tile = HWo;
-        size_t mark = arena_mark(scratch);
-        float* col = arena_alloc(scratch, CKK * tile);
-        for (int n = 0; n < N; n++) {
-            for (size_t p0 = 0; p0 < HWo; p0 += tile) {
-                int np = (int)(HWo - p0 < tile ? HWo - p0 : tile);
-                Im2col a = {col, inp + (size_t)n * C * H * W, C, H, W, K, stride, pad_lo, Wo, (int)p0, np};
-                parallel_for((int)CKK, im2col_rows, &a);
-                sgemm(0, 0, OC, np, (int)CKK, 1.0f, w, (int)CKK, col, np, 0.0f,
-                      out + (size_t)n * OC * HWo + p0, (int)HWo);
-            }
-        }
-        arena_reset(scratch, mark);
-    }
-    if (b)
-        for (int n = 0; n < N; n++) add_channel_bias(out + (size_t)n * OC * HWo, b, OC, HWo);
+    (void)scratch;
+    conv_run(out, inp, weight(w, NULL, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi);
+}
+void conv2d_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int N, int C,
+                        int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi) {
+    conv_run(out, inp, weight(NULL, w, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi);
 }
 
-// Backward-data: dinp += wᵀ ⊛ dout (the transposed convolution), via col = wᵀ·dout then col2im.
-// col2im adds each column row (c, ky, kx) into input channel c: threads split the channels.
+// Backward-data: dinp += wᵀ ⊛ dout (the transposed convolution):
+//   dinp[c, y, x] += Σ_{oc, ky, kx} w[oc, c, ky, kx] · dout[oc, (y + pad − ky)/s, (x + pad − kx)/s].
+// Stride 1 on a large image: that is a forward convolution of dout with the flipped, transposed
+// kernel wf[c, oc, ky', kx'] = w[oc, c, K−1−ky', K−1−kx'] and padding K−1−pad, so it runs as
+// implicit GEMM too (wf built per call: C·OC·K² floats, small beside the C·OC·K²·HW products).
+// Otherwise (stride 2, small images where the weight dominates) col = wᵀ·dout over tiles of
+// output pixels, then col2im adds each column row (c, ky, kx) into input channel c (threads split
+// the channels).
+
+#define CONV_TILE_BYTES ((size_t)16 << 20)
+#define CONV_IMPLICIT_BACKWARD_PIXELS 1024   // stride-1 images at least this large use implicit GEMM
+
 typedef struct Col2im {
     float* dx; const float* col;
     int C, H, W, K, stride, pad, Wo, p0, np;
@@ -125,39 +215,86 @@ static void col2im_channels(void* ctx, int c0, int c1) {
         for (int r = c * K * K; r < (c + 1) * K * K; r++) {
             int ky = (r / K) % K, kx = r % K;
             const float* src = a->col + (size_t)r * a->np;
-            for (int i = 0; i < a->np; i++) {
-                int p = a->p0 + i, oy = p / a->Wo, ox = p % a->Wo;
-                int iy = oy * a->stride - a->pad + ky, ix = ox * a->stride - a->pad + kx;
-                if (iy >= 0 && iy < a->H && ix >= 0 && ix < a->W) dxc[(size_t)iy * a->W + ix] += src[i];
+            for (int i = 0; i < a->np; ) {       // one output row segment at a time
+                int p = a->p0 + i, oy = p / a->Wo, ox0 = p % a->Wo;
+                int run = a->Wo - ox0 < a->np - i ? a->Wo - ox0 : a->np - i;
+                int iy = oy * a->stride - a->pad + ky;
+                if (iy >= 0 && iy < a->H) {
+                    float* row = dxc + (size_t)iy * a->W;
+                    const float* s = src + i;
+                    if (a->stride == 1) {    // ix = ox0 + j − pad + kx: one run inside [0, W)
+                        int off = ox0 - a->pad + kx, lo = off < 0 ? -off : 0, hi = a->W - off < run ? a->W - off : run;
+                        for (int j = lo; j < hi; j++) row[off + j] += s[j];
+                    } else {
+                        for (int j = 0; j < run; j++) {
+                            int ix = (ox0 + j) * a->stride - a->pad + kx;
+                            if (ix >= 0 && ix < a->W) row[ix] += s[j];
+                        }
+                    }
+                }
+                i += run;
             }
         }
     }
 }
 
-void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
-                           int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+typedef struct FlipArgs { float* wf; const float* w; const uint16_t* w16; int C, OC, K; } FlipArgs;
+
+static void flip_rows(void* ctx, int c0, int c1) {       // wf[c, oc, ky', kx'] = w[oc, c, K−1−ky', K−1−kx']
+    const FlipArgs* a = ctx;
+    int KK = a->K * a->K;
+    for (int c = c0; c < c1; c++)
+        for (int oc = 0; oc < a->OC; oc++) {
+            size_t src = ((size_t)oc * a->C + c) * KK;
+            float* d = a->wf + ((size_t)c * a->OC + oc) * KK;
+            for (int t = 0; t < KK; t++) d[KK - 1 - t] = a->w16 ? f16_to_f32(a->w16[src + t]) : a->w[src + t];
+        }
+}
+
+static void conv_backward_run(float* dinp, const float* dout, const float* w, const uint16_t* w16, int N, int C,
+                              int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
     int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
     size_t HWo = (size_t)Ho * Wo, CKK = (size_t)C * K * K;
     if (K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0) {
         for (int n = 0; n < N; n++)
-            sgemm(1, 0, C, (int)HWo, OC, 1.0f, w, C, dout + (size_t)n * OC * HWo, (int)HWo, 1.0f,
-                  dinp + (size_t)n * C * HWo, (int)HWo);
+            sgemm_op(C, (int)HWo, OC, 1.0f, weight(w, w16, C, 1), matrix(dout + (size_t)n * OC * HWo, (int)HWo, 0),
+                     1.0f, NULL, 0, dinp + (size_t)n * C * HWo, (int)HWo);
+        return;
+    }
+    size_t mark = arena_mark(scratch);
+    if (stride == 1 && pad_lo <= K - 1 && HWo >= CONV_IMPLICIT_BACKWARD_PIXELS) {
+        FlipArgs f = {arena_alloc(scratch, CKK * OC), w, w16, C, OC, K};
+        parallel_for_work(C, CKK * OC, flip_rows, &f);
+        for (int n = 0; n < N; n++) {
+            GemmIm2col im = {dout + (size_t)n * OC * HWo, OC, Ho, Wo, K, 1, K - 1 - pad_lo, W};
+            sgemm_op(C, H * W, OC * K * K, 1.0f, matrix(f.wf, OC * K * K, 0), (GemmOperand){NULL, NULL, &im, 0, 0},
+                     1.0f, NULL, 0, dinp + (size_t)n * C * H * W, H * W);
+        }
+        arena_reset(scratch, mark);
         return;
     }
     size_t tile = CONV_TILE_BYTES / (CKK * sizeof(float));
     if (tile < 256) tile = 256;
     if (tile > HWo) tile = HWo;
-    size_t mark = arena_mark(scratch);
     float* col = arena_alloc(scratch, CKK * tile);
     for (int n = 0; n < N; n++)
         for (size_t p0 = 0; p0 < HWo; p0 += tile) {
             int np = (int)(HWo - p0 < tile ? HWo - p0 : tile);
-            sgemm(1, 0, (int)CKK, np, OC, 1.0f, w, (int)CKK, dout + (size_t)n * OC * HWo + p0, (int)HWo,
-                  0.0f, col, np);
+            sgemm_op((int)CKK, np, OC, 1.0f, weight(w, w16, (int)CKK, 1), matrix(dout + (size_t)n * OC * HWo + p0, (int)HWo, 0),
+                     0.0f, NULL, 0, col, np);
             Col2im a = {dinp + (size_t)n * C * H * W, col, C, H, W, K, stride, pad_lo, Wo, (int)p0, np};
             parallel_for_work(C, CKK * (size_t)np, col2im_channels, &a);
         }
     arena_reset(scratch, mark);
+}
+
+void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
+                           int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    conv_backward_run(dinp, dout, w, NULL, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
+}
+void conv2d_backward_input_f16(float* dinp, const float* dout, const uint16_t* w, int N, int C, int H, int W,
+                               int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    conv_backward_run(dinp, dout, NULL, w, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -189,10 +326,7 @@ static void groupnorm_groups(void* ctx, int i0, int i1) {
             float scale = rstd * a->w[ch], shift = a->b[ch] - m * scale;
             const float* xc = x + (size_t)c * a->HW;
             float* oc = a->out + off + (size_t)c * a->HW;
-            if (a->silu)
-                for (int j = 0; j < a->HW; j++) { float v = xc[j] * scale + shift; oc[j] = v / (1.0f + expf(-v)); }
-            else
-                for (int j = 0; j < a->HW; j++) oc[j] = xc[j] * scale + shift;
+            row_ops()->affine(oc, xc, a->HW, scale, shift, a->silu);
         }
     }
 }
@@ -379,21 +513,23 @@ static void attention_task(const AttnArgs* a, int task, float* S) {
     const float* v = a->v + (size_t)n * a->Tk * a->ldv + (size_t)h * a->HD;
     float* o = a->out + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * a->HD;
     sgemm(0, 1, bq, a->Tk, a->HD, a->scale, q, a->ldq, k, a->ldk, 0.0f, S, a->Tk);
+    // P = exp(S − rowmax) unnormalised; O = P·v, then each row of O is divided by Σ_j P_ij
+    // (HD divisions per row instead of Tk).
+    const RowOps* ops = row_ops();
     float inv[ATT_BQ];
     for (int r = 0; r < bq; r++) {
         float* s = S + (size_t)r * a->Tk;
         int valid = a->causal ? i0 + r + 1 : a->Tk;
         if (valid > a->Tk) valid = a->Tk;
-        float mx = -FLT_MAX;
-        for (int j = 0; j < valid; j++) mx = s[j] > mx ? s[j] : mx;
-        float sum = 0;
-        for (int j = 0; j < valid; j++) { s[j] = expf(s[j] - mx); sum += s[j]; }
-        for (int j = valid; j < a->Tk; j++) s[j] = 0.0f;
+        float mx = ops->max(s, valid);
+        float sum = ops->exp_sum(s, valid, mx);
+        if (valid < a->Tk) memset(s + valid, 0, (size_t)(a->Tk - valid) * sizeof(float));
         inv[r] = 1.0f / sum;
-        for (int j = 0; j < valid; j++) s[j] *= inv[r];
         if (a->lse) a->lse[((size_t)n * a->NH + h) * a->Tq + i0 + r] = mx + logf(sum);
     }
     sgemm(0, 0, bq, a->HD, a->Tk, 1.0f, S, a->Tk, v, a->ldv, 0.0f, o, a->ldo);
+    for (int r = 0; r < bq; r++)
+        for (int d = 0; d < a->HD; d++) o[(size_t)r * a->ldo + d] *= inv[r];
 }
 
 static void attention_worker(void* ctx, int w0, int w1) {

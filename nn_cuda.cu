@@ -64,6 +64,7 @@ static struct {
     size_t bufn[NBUF];
     size_t bytes, peak;        // device bytes held by this file, and the most ever held
     long calls;                // <op>_cuda calls so far
+    double flops;              // 2·M·N·K of every product, counted as the CPU path's sgemm calls count them
 } g;
 static std::mutex g_lock;      // the _cuda functions may be called from several host threads
 
@@ -153,17 +154,15 @@ static const float* to_device(int slot, const float* h, size_t rows, size_t cols
     return d ? d : upload(slot, h, rows, cols, ld);
 }
 
-static std::unique_lock<std::mutex> op_begin(void) {    // every <op>_cuda: lock, initialise, count
+static std::unique_lock<std::mutex> op_begin(double flops) {    // every <op>_cuda: lock, initialise, count
     std::unique_lock<std::mutex> l(g_lock);
     init_locked();
     g.calls++;
+    g.flops += flops;
     return l;
 }
 
-extern "C" void cuda_init(void) {
-    std::lock_guard<std::mutex> l(g_lock);
-    init_locked();
-}
+extern "C" void cuda_init(void) { std::lock_guard<std::mutex> l(g_lock); init_locked(); }
 
 extern "C" void cuda_weights_frozen(const float* w, size_t n) {
     std::lock_guard<std::mutex> l(g_lock);
@@ -201,6 +200,7 @@ extern "C" const char* cuda_device_name(void) { cuda_init(); return g.name; }
 extern "C" const char* cuda_gemm_mode(void) { cuda_init(); return MODE_NAMES[g.mode]; }
 extern "C" size_t cuda_peak_bytes(void) { return g.peak; }
 extern "C" long cuda_calls(void) { return g.calls; }
+extern "C" double cuda_flop_count(void) { return g.flops; }
 
 // ---------------------------------------------------------------------------------------------
 // GEMM: C[z][M, N] = alpha · op(A)[M, K] · op(B)[K, N] + bias[m] + beta · C[z], z = blockIdx.z.
@@ -399,7 +399,7 @@ extern "C" void sgemm_cuda(int transA, int transB, int M, int N, int K, float al
     CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
           "sgemm_cuda: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)", M, N, K, lda, ldb, ldc);
     if (M == 0 || N == 0) return;
-    std::unique_lock<std::mutex> l = op_begin();
+    std::unique_lock<std::mutex> l = op_begin(alpha == 0.0f ? 0.0 : 2.0 * M * N * K);
     if (alpha == 0.0f) K = 0;                       // BLAS: A and B are not read
     const float* dA = K ? to_device(0, A, transA ? K : M, transA ? M : K, lda) : NULL;
     const float* dB = K ? to_device(1, B, transB ? N : K, transB ? K : N, ldb) : NULL;
@@ -418,7 +418,7 @@ extern "C" void conv2d_forward_cuda(float* out, const float* inp, const float* w
     int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
     CHECK(N > 0 && C > 0 && OC > 0 && K > 0 && stride > 0 && Ho > 0 && Wo > 0, "conv2d_forward_cuda: bad shape");
     int HWo = Ho * Wo, CKK = C * K * K;
-    std::unique_lock<std::mutex> l = op_begin();
+    std::unique_lock<std::mutex> l = op_begin(2.0 * N * OC * HWo * CKK);
     const float* dx = to_device(0, inp, 1, (size_t)N * C * H * W, (size_t)N * C * H * W);
     const float* dw = to_device(1, w, 1, (size_t)OC * CKK, (size_t)OC * CKK);
     const float* db = b ? to_device(2, b, 1, OC, OC) : NULL;
@@ -437,7 +437,7 @@ extern "C" void conv2d_backward_input_cuda(float* dinp, const float* dout, const
     int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
     CHECK(N > 0 && C > 0 && OC > 0 && K > 0 && stride > 0 && Ho > 0 && Wo > 0, "conv2d_backward_input_cuda: bad shape");
     size_t nx = (size_t)N * C * H * W, ny = (size_t)N * OC * Ho * Wo;
-    std::unique_lock<std::mutex> l = op_begin();
+    std::unique_lock<std::mutex> l = op_begin(2.0 * ny * C * K * K);
     const float* dy = to_device(0, dout, 1, ny, ny);
     const float* dw = to_device(1, w, 1, (size_t)OC * C * K * K, (size_t)OC * C * K * K);
     float* dx = upload(3, dinp, 1, nx, nx);
@@ -486,7 +486,7 @@ __global__ void norm_kernel(float* out, float* mean, float* rstd, const float* x
 static void norm_run(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int N,
                      int C, int HW, int G, float eps, int silu) {
     size_t n = (size_t)N * C * HW, ns = (size_t)N * G;
-    std::unique_lock<std::mutex> l = op_begin();
+    std::unique_lock<std::mutex> l = op_begin(0);
     const float* dx = to_device(0, x, 1, n, n);
     const float *dw = to_device(1, w, 1, C, C), *db = to_device(2, b, 1, C, C);
     float *dy = scratch_buf(3, n), *dst = mean ? scratch_buf(4, 2 * ns) : NULL;
@@ -740,7 +740,7 @@ extern "C" void attention_forward_cuda(float* out, float* lse, const float* q, c
     (void)scratch;
     CHECK(N > 0 && Tq > 0 && Tk > 0 && NH > 0, "attention_forward_cuda: bad shape");
     size_t C = (size_t)NH * HD, nq = (size_t)N * Tq, nk = (size_t)N * Tk, nl = nq * NH;
-    std::unique_lock<std::mutex> l = op_begin();
+    std::unique_lock<std::mutex> l = op_begin(4.0 * nl * Tk * HD);              // S = q·kᵀ and P·v, causal or not
     AttnArgs a = {scratch_buf(3, (nq - 1) * ldo + C), lse ? scratch_buf(4, nl) : NULL, NULL, NULL, NULL,
                   to_device(0, q, nq, C, ldq), to_device(1, k, nk, C, ldk), to_device(2, v, nk, C, ldv), NULL, NULL,
                   NULL, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal, 1.0f / sqrtf((float)HD)};
@@ -757,7 +757,7 @@ extern "C" void attention_backward_cuda(float* dq, float* dk, float* dv, const f
     CHECK(N > 0 && Tq > 0 && Tk > 0 && NH > 0, "attention_backward_cuda: bad shape");
     if (!dq && !dk && !dv) return;
     size_t C = (size_t)NH * HD, nq = (size_t)N * Tq, nk = (size_t)N * Tk, nl = nq * NH;
-    std::unique_lock<std::mutex> l = op_begin();
+    std::unique_lock<std::mutex> l = op_begin(2.0 * nl * Tk * HD * ((dq ? 3 : 0) + (dk || dv ? 2 : 0) + !!dk + !!dv));
     AttnArgs a = {NULL, (float*)to_device(5, lse, 1, nl, nl), dq ? upload(7, dq, nq, C, ldq) : NULL,
                   dk ? upload(8, dk, nk, C, ldk) : NULL, dv ? upload(9, dv, nk, C, ldv) : NULL,
                   to_device(0, q, nq, C, ldq), to_device(1, k, nk, C, ldk), to_device(2, v, nk, C, ldv),

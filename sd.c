@@ -210,12 +210,24 @@ typedef struct Loader {
     Component comp;
     const UNetConfig* ucfg;   // for LDM UNet/VAE index formulas
     const VaeConfig* vcfg;
-    Rng* rng;
+    uint64_t rng;             // random weights: generator state
+    int f16;                  // keep frozen linear/conv weights in fp16 (SD_F16)
+    int copy;                 // copy every tensor out of the file's data block (it is released after loading)
     int64_t nparams;
-    float** owned; int nowned, capowned;   // random weights to free
+    StableDiffusion* sd;      // owner of converted and random tensors
 } Loader;
 
 static void ldm_name(const Loader* L, const char* name, char* out, size_t cap);
+
+static void* own(Loader* L, size_t bytes) {
+    StableDiffusion* sd = L->sd;
+    if (sd->nowned == sd->capowned) {
+        sd->capowned = sd->capowned ? 2 * sd->capowned : 256;
+        sd->owned = realloc(sd->owned, (size_t)sd->capowned * sizeof(void*));
+        CHECK(sd->owned, "out of memory");
+    }
+    return sd->owned[sd->nowned++] = xmalloc(bytes ? bytes : 1);
+}
 
 // Shapes equal up to trailing 1s (an LDM 1×1 conv [C, C, 1, 1] serves a linear [C, C]).
 static int shape_matches(const StEntry* e, int ndim, const int* dims) {
@@ -227,30 +239,8 @@ static int shape_matches(const StEntry* e, int ndim, const int* dims) {
     return 1;
 }
 
-static const float* load_tensor(Loader* L, const char* name, int ndim, ...) {
-    int dims[TENSOR_MAX_DIMS];
-    size_t numel = 1;
-    va_list ap;
-    va_start(ap, ndim);
-    for (int i = 0; i < ndim; i++) { dims[i] = va_arg(ap, int); numel *= (size_t)dims[i]; }
-    va_end(ap);
-    L->nparams += (int64_t)numel;
-    if (!L->st) {   // random: N(0, 1/fan_in) for matrices, 1 for norm scales, 0 for biases
-        float* w = xmalloc(numel * sizeof(float));
-        int is_bias = strstr(name, ".bias") != NULL;
-        int is_norm = ndim == 1 && !is_bias;
-        float stdv = ndim > 1 ? 1.0f / sqrtf((float)(numel / (size_t)dims[0])) : 0.0f;
-        if (is_norm) for (size_t i = 0; i < numel; i++) w[i] = 1.0f;
-        else if (is_bias) memset(w, 0, numel * sizeof(float));
-        else { rng_normal(L->rng, w, numel); for (size_t i = 0; i < numel; i++) w[i] *= stdv; }
-        if (L->nowned == L->capowned) {
-            L->capowned = L->capowned ? 2 * L->capowned : 256;
-            L->owned = realloc(L->owned, (size_t)L->capowned * sizeof(float*));
-            CHECK(L->owned, "out of memory");
-        }
-        L->owned[L->nowned++] = w;
-        return w;
-    }
+// The file entry for a diffusers name, its dtype and shape checked; marks it used.
+static StEntry* find_entry(Loader* L, const char* name, int ndim, const int* dims) {
     char key[512];
     if (L->ldm) ldm_name(L, name, key, sizeof key);
     else snprintf(key, sizeof key, "%s", name);
@@ -275,27 +265,112 @@ static const float* load_tensor(Loader* L, const char* name, int ndim, ...) {
                    "--config DIR (a diffusers folder with the matching config.json files)" : " (config.json does not match the weights)");
     }
     e->used++;
-    return st_floats(L->st, e);
+    return e;
 }
 
-static void linear_load(Linear* l, Loader* L, const char* prefix, int in, int out, int bias) {
+// Random weights (bench, --model random:sd15): matrices uniform with the variance of N(0, 1/fan_in)
+// (xorshift64*: only the scale matters for timing, and it is fast), norm scales 1, biases 0.
+static void random_fill(Loader* L, const char* name, float* w, size_t numel, int ndim, const int* dims) {
+    int is_bias = strstr(name, ".bias") != NULL;
+    if (ndim == 1) { for (size_t i = 0; i < numel; i++) w[i] = is_bias ? 0.0f : 1.0f; return; }
+    float a = sqrtf(3.0f / (float)(numel / (size_t)dims[0]));
+    uint64_t x = L->rng;
+    for (size_t i = 0; i < numel; i++) {
+        x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+        w[i] = a * ((float)((x * 0x2545F4914F6CDD1DULL) >> 40) * (2.0f / 16777216.0f) - 1.0f);
+    }
+    L->rng = x;
+}
+
+// A tensor as fp32 (f16 = 0) or, for a frozen weight matrix under SD_F16, as fp16 (f16 = 1).
+// From a file, data already in the wanted type is used in place unless L->copy.
+static const void* load_any(Loader* L, const char* name, int f16, int ndim, ...) {
+    int dims[TENSOR_MAX_DIMS];
+    size_t numel = 1;
+    va_list ap;
+    va_start(ap, ndim);
+    for (int i = 0; i < ndim; i++) { dims[i] = va_arg(ap, int); numel *= (size_t)dims[i]; }
+    va_end(ap);
+    L->nparams += (int64_t)numel;
+    if (!L->st) {
+        float* w = f16 ? xmalloc(numel * sizeof(float)) : own(L, numel * sizeof(float));
+        random_fill(L, name, w, numel, ndim, dims);
+        if (!f16) return w;
+        uint16_t* h = own(L, numel * sizeof(uint16_t));
+        for (size_t i = 0; i < numel; i++) h[i] = f32_to_f16(w[i]);
+        free(w);
+        return h;
+    }
+    StEntry* e = find_entry(L, name, ndim, dims);
+    const unsigned char* src = L->st->data + e->begin;
+    if (!f16) {
+        if (!L->copy || e->dtype != DT_F32) return st_floats(L->st, e);   // non-F32 data: a converted copy
+        float* w = own(L, numel * sizeof(float));
+        return memcpy(w, src, numel * sizeof(float));
+    }
+    if (e->dtype == DT_F16 && (uintptr_t)src % 2 == 0 && !L->copy) return src;
+    uint16_t* h = own(L, numel * sizeof(uint16_t));
+    for (size_t i = 0; i < numel; i++) {
+        const unsigned char* b = src + i * dtype_size(e->dtype);
+        uint16_t u = (uint16_t)(b[0] | b[1] << 8);
+        float f;
+        if (e->dtype == DT_F32) memcpy(&f, b, 4);
+        h[i] = e->dtype == DT_F16 ? u : f32_to_f16(e->dtype == DT_F32 ? f : bf16_to_f32(u));
+    }
+    return h;
+}
+#define load_tensor(L, name, ...) ((const float*)load_any(L, name, 0, __VA_ARGS__))
+
+// A frozen weight matrix: fp16 under SD_F16 (*w16 set, *w NULL), else fp32.
+static void load_weight(Loader* L, const char* name, int kv32, const float** w, const uint16_t** w16, int ndim,
+                        int d0, int d1, int d2, int d3) {
+    int f16 = L->f16 && !kv32;
+    const void* p = ndim == 2 ? load_any(L, name, f16, 2, d0, d1) : load_any(L, name, f16, 4, d0, d1, d2, d3);
+    *w = f16 ? NULL : p;
+    *w16 = f16 ? p : NULL;
+}
+
+// kv32: the weight stays fp32 under SD_F16 (attn2's to_k / to_v, which training replaces or reads).
+static void linear_load(Linear* l, Loader* L, const char* prefix, int in, int out, int bias, int kv32) {
     char n[512];
     l->in = in;
     l->out = out;
     l->dw = NULL;
     NAMEF(n, "%s.weight", prefix);
-    l->w = load_tensor(L, n, 2, out, in);
+    load_weight(L, n, kv32, &l->w, &l->w16, 2, out, in, 1, 1);
     l->b = NULL;
     if (bias) { NAMEF(n, "%s.bias", prefix); l->b = load_tensor(L, n, 1, out); }
 }
 
 static void conv_load(Conv2d* c, Loader* L, const char* prefix, int in, int out, int k, int stride, int pad_lo, int pad_hi) {
     char n[512];
-    *c = (Conv2d){NULL, NULL, in, out, k, stride, pad_lo, pad_hi};
+    *c = (Conv2d){NULL, NULL, NULL, in, out, k, stride, pad_lo, pad_hi};
     NAMEF(n, "%s.weight", prefix);
-    c->w = load_tensor(L, n, 4, out, in, k, k);
+    load_weight(L, n, 0, &c->w, &c->w16, 4, out, in, k, k);
     NAMEF(n, "%s.bias", prefix);
     c->b = load_tensor(L, n, 1, out);
+}
+
+// Frozen layers with fp32 or fp16 (SD_F16) weights, dims from the layer.
+// out[M, out] = inp[M, in]·wᵀ + b
+static void linear_apply(const Linear* l, float* out, const float* inp, int M) {
+    if (l->w16) linear_forward_f16(out, inp, l->w16, l->b, M, l->in, l->out);
+    else linear_forward(out, inp, l->w, l->b, M, l->in, l->out);
+}
+// dinp[M, in] += dout[M, out]·w (the input gradient only)
+static void linear_back(const Linear* l, float* dinp, const float* dout, int M) {
+    if (l->w16) linear_backward_f16(dinp, dout, l->w16, M, l->in, l->out);
+    else linear_backward(dinp, NULL, NULL, dout, NULL, l->w, M, l->in, l->out);
+}
+// out[N, out, Ho, Wo] = conv(inp[N, in, H, W]) + b with the layer's kernel, stride and padding
+static void conv_apply(const Conv2d* c, float* out, const float* inp, int N, int H, int W, Arena* scratch) {
+    if (c->w16) conv2d_forward_f16(out, inp, c->w16, c->b, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi);
+    else conv2d_forward(out, inp, c->w, c->b, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi, scratch);
+}
+// dinp[N, in, H, W] += convᵀ(dout)
+static void conv_back(const Conv2d* c, float* dinp, const float* dout, int N, int H, int W, Arena* scratch) {
+    if (c->w16) conv2d_backward_input_f16(dinp, dout, c->w16, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi, scratch);
+    else conv2d_backward_input(dinp, dout, c->w, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi, scratch);
 }
 
 static void norm_load(Norm* nm, Loader* L, const char* prefix, int C, int G, float eps) {
@@ -318,7 +393,7 @@ static void resblock_load(ResBlock* rb, Loader* L, const char* prefix, int in, i
     NAMEF(n, "%s.norm1", prefix); norm_load(&rb->norm1, L, n, in, G, eps);
     NAMEF(n, "%s.conv1", prefix); conv_load(&rb->conv1, L, n, in, out, 3, 1, 1, 1);
     rb->has_temb = time_dim > 0;
-    if (rb->has_temb) { NAMEF(n, "%s.time_emb_proj", prefix); linear_load(&rb->time_emb_proj, L, n, time_dim, out, 1); }
+    if (rb->has_temb) { NAMEF(n, "%s.time_emb_proj", prefix); linear_load(&rb->time_emb_proj, L, n, time_dim, out, 1, 0); }
     NAMEF(n, "%s.norm2", prefix); norm_load(&rb->norm2, L, n, out, G, eps);
     NAMEF(n, "%s.conv2", prefix); conv_load(&rb->conv2, L, n, out, out, 3, 1, 1, 1);
     rb->has_shortcut = in != out;
@@ -368,10 +443,10 @@ static void resblock_forward(const ResBlock* rb, ResBlockSaved* sv, float* out, 
     }
     groupnorm_forward(a, sv ? sv->n1.mean : NULL, sv ? sv->n1.rstd : NULL, x, rb->norm1.w, rb->norm1.b, N, in, HW,
                       rb->norm1.G, rb->norm1.eps, 1);
-    conv2d_forward(h, a, rb->conv1.w, rb->conv1.b, N, in, H, W, oc, 3, 1, 1, 1, scratch);
+    conv_apply(&rb->conv1, h, a, N, H, W, scratch);
     if (rb->has_temb) {
         float* tp = arena_alloc(scratch, (size_t)N * oc);
-        linear_forward(tp, temb_act, rb->time_emb_proj.w, rb->time_emb_proj.b, N, rb->time_emb_proj.in, oc);
+        linear_apply(&rb->time_emb_proj, tp, temb_act, N);
         for (int n = 0; n < N; n++)
             for (int c = 0; c < oc; c++) {
                 float* hc = h + ((size_t)n * oc + c) * HW;
@@ -380,9 +455,9 @@ static void resblock_forward(const ResBlock* rb, ResBlockSaved* sv, float* out, 
     }
     groupnorm_forward(a, sv ? sv->n2.mean : NULL, sv ? sv->n2.rstd : NULL, h, rb->norm2.w, rb->norm2.b, N, oc, HW,
                       rb->norm2.G, rb->norm2.eps, 1);
-    conv2d_forward(out, a, rb->conv2.w, rb->conv2.b, N, oc, H, W, oc, 3, 1, 1, 1, scratch);
+    conv_apply(&rb->conv2, out, a, N, H, W, scratch);
     if (rb->has_shortcut) {
-        conv2d_forward(a, x, rb->conv_shortcut.w, rb->conv_shortcut.b, N, in, H, W, oc, 1, 1, 0, 0, scratch);
+        conv_apply(&rb->conv_shortcut, a, x, N, H, W, scratch);
         add_inplace(out, a, (size_t)N * oc * HW);
     } else {
         add_inplace(out, x, (size_t)N * oc * HW);
@@ -396,14 +471,14 @@ static void resblock_backward(const ResBlock* rb, const ResBlockSaved* sv, float
                               int N, int H, int W, Arena* scratch) {
     int in = rb->conv1.in, oc = rb->conv1.out, HW = H * W;
     size_t mark = arena_mark(scratch);
-    if (rb->has_shortcut) conv2d_backward_input(dx, dout, rb->conv_shortcut.w, N, in, H, W, oc, 1, 1, 0, 0, scratch);
+    if (rb->has_shortcut) conv_back(&rb->conv_shortcut, dx, dout, N, H, W, scratch);
     else add_inplace(dx, dout, (size_t)N * oc * HW);
     float* da = arena_zalloc(scratch, (size_t)N * (in > oc ? in : oc) * HW);
     float* dh = arena_zalloc(scratch, (size_t)N * oc * HW);
-    conv2d_backward_input(da, dout, rb->conv2.w, N, oc, H, W, oc, 3, 1, 1, 1, scratch);
+    conv_back(&rb->conv2, da, dout, N, H, W, scratch);
     groupnorm_backward(dh, da, sv->n2.x, sv->n2.mean, sv->n2.rstd, rb->norm2.w, rb->norm2.b, N, oc, HW, rb->norm2.G, 1);
     memset(da, 0, (size_t)N * in * HW * sizeof(float));
-    conv2d_backward_input(da, dh, rb->conv1.w, N, in, H, W, oc, 3, 1, 1, 1, scratch);
+    conv_back(&rb->conv1, da, dh, N, H, W, scratch);
     groupnorm_backward(dx, da, sv->n1.x, sv->n1.mean, sv->n1.rstd, rb->norm1.w, rb->norm1.b, N, in, HW, rb->norm1.G, 1);
     arena_reset(scratch, mark);
 }
@@ -412,14 +487,15 @@ static void resblock_backward(const ResBlock* rb, const ResBlockSaved* sv, float
 // Attention (diffusers Attention with AttnProcessor): q = to_q(x), k = to_k(ctx), v = to_v(ctx),
 // out = to_out(softmax(q·kᵀ/√HD)·v) per head. LoRA side paths add to k and v (lora.c).
 
-static void attention_load(Attention* a, Loader* L, const char* prefix, int C, int D, int heads) {
+// cross: attn2, whose to_k / to_v stay fp32 under SD_F16 (training replaces them or reads them).
+static void attention_load(Attention* a, Loader* L, const char* prefix, int C, int D, int heads, int cross) {
     char n[512];
     a->heads = heads;
     a->head_dim = C / heads;
-    NAMEF(n, "%s.to_q", prefix); linear_load(&a->to_q, L, n, C, C, 0);
-    NAMEF(n, "%s.to_k", prefix); linear_load(&a->to_k, L, n, D, C, 0);
-    NAMEF(n, "%s.to_v", prefix); linear_load(&a->to_v, L, n, D, C, 0);
-    NAMEF(n, "%s.to_out.0", prefix); linear_load(&a->to_out, L, n, C, C, 1);
+    NAMEF(n, "%s.to_q", prefix); linear_load(&a->to_q, L, n, C, C, 0, 0);
+    NAMEF(n, "%s.to_k", prefix); linear_load(&a->to_k, L, n, D, C, 0, cross);
+    NAMEF(n, "%s.to_v", prefix); linear_load(&a->to_v, L, n, D, C, 0, cross);
+    NAMEF(n, "%s.to_out.0", prefix); linear_load(&a->to_out, L, n, C, C, 1, 0);
     a->lora_k = a->lora_v = NULL;
 }
 
@@ -427,7 +503,7 @@ static void attention_load(Attention* a, Loader* L, const char* prefix, int C, i
 // Saves q, k, v, o, lse, the LoRA intermediates, and ctx by pointer (cross-attention only).
 static void attn_forward(const Attention* a, AttnSaved* sv, float* out, const float* x, const float* ctx,
                          int N, int Tq, int Tk, Arena* scratch, Arena* saved) {
-    int C = a->to_q.out, D = a->to_k.in;
+    int C = a->to_q.out;
     size_t mark = arena_mark(scratch);
     Arena* keep = sv ? saved : scratch;
     float* q = arena_alloc(keep, (size_t)N * Tq * C);
@@ -435,16 +511,16 @@ static void attn_forward(const Attention* a, AttnSaved* sv, float* out, const fl
     float* v = arena_alloc(keep, (size_t)N * Tk * C);
     float* o = arena_alloc(keep, (size_t)N * Tq * C);
     float* lse = sv ? arena_alloc(saved, (size_t)N * a->heads * Tq) : NULL;
-    linear_forward(q, x, a->to_q.w, NULL, N * Tq, C, C);
-    linear_forward(k, ctx, a->to_k.w, NULL, N * Tk, D, C);
-    linear_forward(v, ctx, a->to_v.w, NULL, N * Tk, D, C);
+    linear_apply(&a->to_q, q, x, N * Tq);
+    linear_apply(&a->to_k, k, ctx, N * Tk);
+    linear_apply(&a->to_v, v, ctx, N * Tk);
     if (sv) *sv = (AttnSaved){q, k, v, o, lse, ctx == x ? NULL : ctx, NULL, NULL};
     if (a->lora_k && sv) lora_forward_save(a->lora_k, k, sv->hk = arena_alloc(saved, (size_t)N * Tk * a->lora_k->rank), ctx, N * Tk);
     else if (a->lora_k) lora_forward(a->lora_k, k, ctx, N * Tk, scratch);
     if (a->lora_v && sv) lora_forward_save(a->lora_v, v, sv->hv = arena_alloc(saved, (size_t)N * Tk * a->lora_v->rank), ctx, N * Tk);
     else if (a->lora_v) lora_forward(a->lora_v, v, ctx, N * Tk, scratch);
     attention_forward(o, lse, q, k, v, N, Tq, Tk, a->heads, a->head_dim, C, C, C, C, 0, scratch);
-    linear_forward(out, o, a->to_out.w, a->to_out.b, N * Tq, C, C);
+    linear_apply(&a->to_out, out, o, N * Tq);
     arena_reset(scratch, mark);
 }
 
@@ -458,10 +534,10 @@ static void attn_backward(const Attention* a, const AttnSaved* sv, float* dx, fl
     float* dq = dx ? arena_zalloc(scratch, Mq * C) : NULL;
     float* dk = arena_zalloc(scratch, Mk * C);
     float* dv = arena_zalloc(scratch, Mk * C);
-    linear_backward(dO, NULL, NULL, dout, NULL, a->to_out.w, (int)Mq, C, C);
+    linear_back(&a->to_out, dO, dout, (int)Mq);
     attention_backward(dq, dk, dv, dO, sv->o, sv->lse, sv->q, sv->k, sv->v, N, Tq, Tk, a->heads, a->head_dim,
                        C, C, C, C, 0, scratch);
-    if (dx) linear_backward(dx, NULL, NULL, dq, NULL, a->to_q.w, (int)Mq, C, C);
+    if (dx) linear_back(&a->to_q, dx, dq, (int)Mq);
     linear_backward(dctx, a->to_k.dw, NULL, dk, sv->ctx, a->to_k.w, (int)Mk, D, C);
     linear_backward(dctx, a->to_v.dw, NULL, dv, sv->ctx, a->to_v.w, (int)Mk, D, C);
     if (a->lora_k) lora_backward(a->lora_k, dctx, dk, sv->hk, sv->ctx, (int)Mk, scratch);
@@ -480,19 +556,19 @@ static void transformer_load(Transformer2D* t, Loader* L, const char* prefix, in
     t->nblocks = cfg->transformer_layers;
     t->blocks = xcalloc((size_t)t->nblocks, sizeof(TransformerBlock));
     NAMEF(n, "%s.norm", prefix); norm_load(&t->norm, L, n, C, cfg->groups, 1e-6f);
-    NAMEF(n, "%s.proj_in", prefix); linear_load(&t->proj_in, L, n, C, C, 1);
+    NAMEF(n, "%s.proj_in", prefix); linear_load(&t->proj_in, L, n, C, C, 1, 0);
     for (int b = 0; b < t->nblocks; b++) {
         TransformerBlock* tb = &t->blocks[b];
         int F = 4 * C;
         NAMEF(n, "%s.transformer_blocks.%d.norm1", prefix, b); norm_load(&tb->norm1, L, n, C, 0, 1e-5f);
-        NAMEF(n, "%s.transformer_blocks.%d.attn1", prefix, b); attention_load(&tb->attn1, L, n, C, C, heads);
+        NAMEF(n, "%s.transformer_blocks.%d.attn1", prefix, b); attention_load(&tb->attn1, L, n, C, C, heads, 0);
         NAMEF(n, "%s.transformer_blocks.%d.norm2", prefix, b); norm_load(&tb->norm2, L, n, C, 0, 1e-5f);
-        NAMEF(n, "%s.transformer_blocks.%d.attn2", prefix, b); attention_load(&tb->attn2, L, n, C, cfg->cross_dim, heads);
+        NAMEF(n, "%s.transformer_blocks.%d.attn2", prefix, b); attention_load(&tb->attn2, L, n, C, cfg->cross_dim, heads, 1);
         NAMEF(n, "%s.transformer_blocks.%d.norm3", prefix, b); norm_load(&tb->norm3, L, n, C, 0, 1e-5f);
-        NAMEF(n, "%s.transformer_blocks.%d.ff.net.0.proj", prefix, b); linear_load(&tb->ff_proj, L, n, C, 2 * F, 1);
-        NAMEF(n, "%s.transformer_blocks.%d.ff.net.2", prefix, b); linear_load(&tb->ff_out, L, n, F, C, 1);
+        NAMEF(n, "%s.transformer_blocks.%d.ff.net.0.proj", prefix, b); linear_load(&tb->ff_proj, L, n, C, 2 * F, 1, 0);
+        NAMEF(n, "%s.transformer_blocks.%d.ff.net.2", prefix, b); linear_load(&tb->ff_out, L, n, F, C, 1, 0);
     }
-    NAMEF(n, "%s.proj_out", prefix); linear_load(&t->proj_out, L, n, C, C, 1);
+    NAMEF(n, "%s.proj_out", prefix); linear_load(&t->proj_out, L, n, C, C, 1, 0);
 }
 
 // h[M = N·T, C] updated in place by one BasicTransformerBlock; ctx [N·Tc, D].
@@ -516,9 +592,9 @@ static void transformer_block_forward(const TransformerBlock* tb, BlockSaved* sv
     float* proj = arena_alloc(sv ? saved : scratch, M * 2 * F);
     float* gated = arena_alloc(scratch, M * F);
     if (sv) sv->proj = proj;
-    linear_forward(proj, nrm, tb->ff_proj.w, tb->ff_proj.b, (int)M, C, 2 * F);
+    linear_apply(&tb->ff_proj, proj, nrm, (int)M);
     geglu_forward(gated, proj, (int)M, F);
-    linear_forward(tmp, gated, tb->ff_out.w, tb->ff_out.b, (int)M, F, C);
+    linear_apply(&tb->ff_out, tmp, gated, (int)M);
     add_inplace(h, tmp, M * C);
     arena_reset(scratch, mark);
 }
@@ -532,9 +608,9 @@ static void transformer_block_backward(const TransformerBlock* tb, const BlockSa
     float* dg = arena_zalloc(scratch, M * F);
     float* dproj = arena_zalloc(scratch, M * 2 * F);
     float* dn = arena_zalloc(scratch, M * C);
-    linear_backward(dg, NULL, NULL, dh, NULL, tb->ff_out.w, (int)M, F, C);           // h += ff_out(geglu(proj))
+    linear_back(&tb->ff_out, dg, dh, (int)M);       // h += ff_out(geglu(proj))
     geglu_backward(dproj, dg, sv->proj, (int)M, F);
-    linear_backward(dn, NULL, NULL, dproj, NULL, tb->ff_proj.w, (int)M, C, 2 * F);    // proj = ff_proj(LN3(h))
+    linear_back(&tb->ff_proj, dn, dproj, (int)M);    // proj = ff_proj(LN3(h))
     layernorm_backward(dh, dn, sv->n3.x, sv->n3.mean, sv->n3.rstd, tb->norm3.w, (int)M, C);
     memset(dn, 0, M * C * sizeof(float));
     attn_backward(&tb->attn2, &sv->a2, need_dx ? dn : NULL, dctx, dh, N, T, Tc, scratch);   // h += attn2(LN2(h), ctx)
@@ -563,10 +639,10 @@ static void transformer_forward(const Transformer2D* t, TransformerSaved* sv, fl
     groupnorm_forward(a, sv ? sv->norm.mean : NULL, sv ? sv->norm.rstd : NULL, x, t->norm.w, t->norm.b, N, C, HW,
                       t->norm.G, t->norm.eps, 0);
     nchw_to_nhwc(tok, a, N, C, HW);
-    linear_forward(h, tok, t->proj_in.w, t->proj_in.b, (int)M, C, C);
+    linear_apply(&t->proj_in, h, tok, (int)M);
     for (int b = 0; b < t->nblocks; b++)
         transformer_block_forward(&t->blocks[b], sv ? &sv->blocks[b] : NULL, h, ctx, N, HW, Tc, scratch, saved);
-    linear_forward(tok, h, t->proj_out.w, t->proj_out.b, (int)M, C, C);
+    linear_apply(&t->proj_out, tok, h, (int)M);
     nhwc_to_nchw(a, tok, N, C, HW);
     for (size_t i = 0; i < M * C; i++) out[i] = x[i] + a[i];   // out may alias x
     arena_reset(scratch, mark);
@@ -581,12 +657,12 @@ static void transformer_backward(const Transformer2D* t, const TransformerSaved*
     float* tok = arena_zalloc(scratch, M * C);
     float* dh = arena_zalloc(scratch, M * C);
     nchw_to_nhwc(tok, dx, N, C, HW);
-    linear_backward(dh, NULL, NULL, tok, NULL, t->proj_out.w, (int)M, C, C);
+    linear_back(&t->proj_out, dh, tok, (int)M);
     for (int b = t->nblocks - 1; b >= 0; b--)
         transformer_block_backward(&t->blocks[b], &sv->blocks[b], dh, dctx, N, HW, Tc, need_dx || b > 0, scratch);
     if (need_dx) {
         memset(tok, 0, M * C * sizeof(float));
-        linear_backward(tok, NULL, NULL, dh, NULL, t->proj_in.w, (int)M, C, C);
+        linear_back(&t->proj_in, tok, dh, (int)M);
         nhwc_to_nchw(dh, tok, N, C, HW);
         groupnorm_backward(dx, dh, sv->norm.x, sv->norm.mean, sv->norm.rstd, t->norm.w, t->norm.b, N, C, HW, t->norm.G, 0);
     }
@@ -602,8 +678,8 @@ static void unet_load(UNet* u, Loader* L) {
     const UNetConfig* c = &u->cfg;
     int C0 = c->block_out[0], lpb = c->layers_per_block, td = c->time_dim;
     char n[512], p[512];
-    linear_load(&u->time_lin1, L, "time_embedding.linear_1", C0, td, 1);
-    linear_load(&u->time_lin2, L, "time_embedding.linear_2", td, td, 1);
+    linear_load(&u->time_lin1, L, "time_embedding.linear_1", C0, td, 1, 0);
+    linear_load(&u->time_lin2, L, "time_embedding.linear_2", td, td, 1, 0);
     conv_load(&u->conv_in, L, "conv_in", c->in_channels, C0, 3, 1, 1, 1);
     for (int i = 0; i < c->levels; i++) {      // down: resnets (+ transformers), downsampler
         Level* lv = &u->down[i];
@@ -735,7 +811,7 @@ static int unet_down(const UNet* u, UNetSaved* sv, Skip* skips, float** h, int* 
         if (lv->has_sampler) {
             int Ho = unet_down_size(*H), Wo = unet_down_size(*W);
             float* o = arena_alloc(act, (size_t)N * lv->out * Ho * Wo);
-            conv2d_forward(o, *h, lv->sampler.w, lv->sampler.b, N, lv->out, *H, *W, lv->out, 3, 2, 1, 1, scratch);
+            conv_apply(&lv->sampler, o, *h, N, *H, *W, scratch);
             *h = o; *H = Ho; *W = Wo;
             skips[ns++] = (Skip){o, lv->out, *H, *W};
         }
@@ -767,15 +843,15 @@ static void unet_run(const UNet* u, UNetSaved* sv, float* eps, const float* x, c
     float* temb = arena_alloc(scratch, (size_t)N * td);
     timestep_embedding(tproj, t, N, C0, c->flip_sin_to_cos, c->freq_shift);
     tap(u, "time_proj", tproj, N, C0, 1, 1);
-    linear_forward(t1, tproj, u->time_lin1.w, u->time_lin1.b, N, C0, td);
+    linear_apply(&u->time_lin1, t1, tproj, N);
     silu_forward(t1, t1, (size_t)N * td);
-    linear_forward(temb, t1, u->time_lin2.w, u->time_lin2.b, N, td, td);
+    linear_apply(&u->time_lin2, temb, t1, N);
     tap(u, "time_emb", temb, N, td, 1, 1);
     silu_forward(t1, temb, (size_t)N * td);
     const float* temb_act = t1;
 
     float* h = arena_alloc(act, (size_t)N * C0 * H * W);
-    conv2d_forward(h, x, u->conv_in.w, u->conv_in.b, N, c->in_channels, H, W, C0, 3, 1, 1, 1, scratch);
+    conv_apply(&u->conv_in, h, x, N, H, W, scratch);
     tap(u, "conv_in", h, N, C0, H, W);
     Skip local[UNET_MAX_SKIPS];
     Skip* skips = sv ? sv->skips : local;
@@ -812,7 +888,7 @@ static void unet_run(const UNet* u, UNetSaved* sv, float* eps, const float* x, c
             upsample_nearest_forward(up, h, N, Ch, H, W, Ho, Wo);
             H = Ho; W = Wo;
             h = arena_alloc(act, (size_t)N * Ch * H * W);
-            conv2d_forward(h, up, lv->sampler.w, lv->sampler.b, N, Ch, H, W, Ch, 3, 1, 1, 1, scratch);
+            conv_apply(&lv->sampler, h, up, N, H, W, scratch);
         }
         char name[32];
         snprintf(name, sizeof name, "up_blocks.%d", i);
@@ -823,7 +899,7 @@ static void unet_run(const UNet* u, UNetSaved* sv, float* eps, const float* x, c
     if (sv) sv->out = norm_keep(saved, h, 0, (size_t)N * u->norm_out.G, 0);
     groupnorm_forward(a, sv ? sv->out.mean : NULL, sv ? sv->out.rstd : NULL, h, u->norm_out.w, u->norm_out.b, N, C0,
                       H * W, u->norm_out.G, u->norm_out.eps, 1);
-    conv2d_forward(eps, a, u->conv_out.w, u->conv_out.b, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+    conv_apply(&u->conv_out, eps, a, N, H, W, scratch);
     arena_reset(scratch, mark);
 }
 
@@ -862,7 +938,7 @@ static float* unet_backward_up(const UNet* u, const UNetSaved* sv, float* dh, fl
         size_t mark = arena_mark(scratch);
         if (lv->has_sampler) {   // h' = conv(upsample(h)): conv transpose, then sum over the copies
             float* dup = arena_zalloc(scratch, (size_t)N * Ch * H * W);
-            conv2d_backward_input(dup, dh, lv->sampler.w, N, Ch, H, W, Ch, 3, 1, 1, 1, scratch);
+            conv_back(&lv->sampler, dup, dh, N, H, W, scratch);
             memset(spare, 0, (size_t)N * Ch * ls->H * ls->W * sizeof(float));
             upsample_nearest_backward(spare, dup, N, Ch, ls->H, ls->W, H, W);
             float* t = dh; dh = spare; spare = t;
@@ -909,7 +985,7 @@ void unet_backward(const UNet* u, const UNetSaved* sv, float* dcontext, const fl
     {   // eps = conv_out(silu(GN_out(h)))
         size_t m2 = arena_mark(scratch);
         float* da = arena_zalloc(scratch, (size_t)N * C0 * H * W);
-        conv2d_backward_input(da, deps, u->conv_out.w, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+        conv_back(&u->conv_out, da, deps, N, H, W, scratch);
         groupnorm_backward(dh, da, sv->out.x, sv->out.mean, sv->out.rstd, u->norm_out.w, u->norm_out.b, N, C0, H * W,
                            u->norm_out.G, 1);
         arena_reset(scratch, m2);
@@ -934,7 +1010,7 @@ void unet_backward(const UNet* u, const UNetSaved* sv, float* dcontext, const fl
         const Level* lv = &u->down[i];
         const LevelSaved* ls = &sv->down[i];
         if (lv->has_sampler) {
-            conv2d_backward_input(dskip[b - 1], dskip[b], lv->sampler.w, N, lv->out, ls->H, ls->W, lv->out, 3, 2, 1, 1, scratch);
+            conv_back(&lv->sampler, dskip[b - 1], dskip[b], N, ls->H, ls->W, scratch);
             b--;
         }
         for (int j = lv->nres - 1; j >= 0 && b >= first; j--, b--) {
@@ -955,10 +1031,10 @@ int vae_down_factor(const Vae* v) { return 1 << (v->cfg.levels - 1); }
 static void vae_attention_load(VaeAttention* a, Loader* L, const char* prefix, int C, int G) {
     char n[512];
     NAMEF(n, "%s.group_norm", prefix); norm_load(&a->group_norm, L, n, C, G, VAE_EPS);
-    NAMEF(n, "%s.to_q", prefix); linear_load(&a->to_q, L, n, C, C, 1);
-    NAMEF(n, "%s.to_k", prefix); linear_load(&a->to_k, L, n, C, C, 1);
-    NAMEF(n, "%s.to_v", prefix); linear_load(&a->to_v, L, n, C, C, 1);
-    NAMEF(n, "%s.to_out.0", prefix); linear_load(&a->to_out, L, n, C, C, 1);
+    NAMEF(n, "%s.to_q", prefix); linear_load(&a->to_q, L, n, C, C, 1, 0);
+    NAMEF(n, "%s.to_k", prefix); linear_load(&a->to_k, L, n, C, C, 1, 0);
+    NAMEF(n, "%s.to_v", prefix); linear_load(&a->to_v, L, n, C, C, 1, 0);
+    NAMEF(n, "%s.to_out.0", prefix); linear_load(&a->to_out, L, n, C, C, 1, 0);
 }
 
 // x[N, C, H, W] += to_out(attention(q, k, v)) over all HW pixels with one head of width C.
@@ -972,11 +1048,11 @@ static void vae_attention_forward(const VaeAttention* a, float* x, int N, int H,
     float* v = arena_alloc(scratch, M * C);
     groupnorm_forward(g, NULL, NULL, x, a->group_norm.w, a->group_norm.b, N, C, HW, a->group_norm.G, a->group_norm.eps, 0);
     nchw_to_nhwc(tok, g, N, C, HW);
-    linear_forward(q, tok, a->to_q.w, a->to_q.b, (int)M, C, C);
-    linear_forward(k, tok, a->to_k.w, a->to_k.b, (int)M, C, C);
-    linear_forward(v, tok, a->to_v.w, a->to_v.b, (int)M, C, C);
+    linear_apply(&a->to_q, q, tok, (int)M);
+    linear_apply(&a->to_k, k, tok, (int)M);
+    linear_apply(&a->to_v, v, tok, (int)M);
     attention_forward(g, NULL, q, k, v, N, HW, HW, 1, C, C, C, C, C, 0, scratch);
-    linear_forward(tok, g, a->to_out.w, a->to_out.b, (int)M, C, C);
+    linear_apply(&a->to_out, tok, g, (int)M);
     nhwc_to_nchw(g, tok, N, C, HW);
     add_inplace(x, g, M * C);
     arena_reset(scratch, mark);
@@ -1047,12 +1123,21 @@ static void vae_load(Vae* v, Loader* L) {
     conv_load(&v->dec_conv_out, L, "decoder.conv_out", c->block_out[0], c->out_channels, 3, 1, 1, 1);
 }
 
-// Runs the resnets of one level in place of *h (ping-pong buffers of the level's max size).
-static float* level_resnets(const Level* lv, float* h, int N, int H, int W, Arena* scratch) {
+// Replaces everything allocated since `mark` by a copy of x[n] (x may lie in that region): the
+// VAE keeps only its current activation between blocks, which bounds its working set at 512².
+static float* arena_keep(Arena* a, size_t mark, const float* x, size_t n) {
+    arena_reset(a, mark);
+    float* k = arena_alloc(a, n);
+    if (k != x) memmove(k, x, n * sizeof(float));
+    return k;
+}
+
+// The resnets of one level on h (allocated at `base`); returns the output, kept at `base`.
+static float* level_resnets(const Level* lv, float* h, size_t base, int N, int H, int W, Arena* scratch) {
     for (int j = 0; j < lv->nres; j++) {
         float* o = arena_alloc(scratch, (size_t)N * lv->out * H * W);
         resblock_forward(&lv->res[j], NULL, o, h, NULL, N, H, W, scratch, NULL);
-        h = o;
+        h = arena_keep(scratch, base, o, (size_t)N * lv->out * H * W);
     }
     return h;
 }
@@ -1062,31 +1147,26 @@ void vae_encode(const Vae* v, float* mean, float* logvar, const float* image, in
     int Lc = c->latent_channels, top = c->block_out[c->levels - 1];
     size_t mark = arena_mark(scratch);
     float* h = arena_alloc(scratch, (size_t)N * c->block_out[0] * H * W);
-    conv2d_forward(h, image, v->enc_conv_in.w, v->enc_conv_in.b, N, c->in_channels, H, W, c->block_out[0], 3, 1, 1, 1, scratch);
+    conv_apply(&v->enc_conv_in, h, image, N, H, W, scratch);
     for (int i = 0; i < c->levels; i++) {
         const Level* lv = &v->enc_down[i];
-        size_t lmark = arena_mark(scratch);
-        float* o = level_resnets(lv, h, N, H, W, scratch);
-        if (lv->has_sampler) {
+        h = level_resnets(lv, h, mark, N, H, W, scratch);
+        if (lv->has_sampler) {   // pad (right 1, bottom 1), conv 3×3 stride 2
             int Ho = (H + 1 - 3) / 2 + 1, Wo = (W + 1 - 3) / 2 + 1;
             CHECK(Ho >= 1 && Wo >= 1, "vae_encode: image too small for %d down-samplings", c->levels - 1);
             float* d = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
-            conv2d_forward(d, o, lv->sampler.w, lv->sampler.b, N, lv->out, H, W, lv->out, 3, 2, 0, 1, scratch);
-            o = d; H = Ho; W = Wo;
+            conv_apply(&lv->sampler, d, h, N, H, W, scratch);
+            H = Ho; W = Wo;
+            h = arena_keep(scratch, mark, d, (size_t)N * lv->out * H * W);
         }
-        // keep only the level's output: copy it to the level's start (h may alias earlier data)
-        float* keep = arena_alloc(scratch, (size_t)N * lv->out * H * W);
-        memcpy(keep, o, (size_t)N * lv->out * H * W * sizeof(float));
-        (void)lmark;
-        h = keep;
     }
     float* m = arena_alloc(scratch, (size_t)N * top * H * W);
     vae_mid_forward(v->enc_mid_res, &v->enc_mid_attn, m, h, N, H, W, scratch);
     groupnorm_forward(m, NULL, NULL, m, v->enc_norm_out.w, v->enc_norm_out.b, N, top, H * W, v->enc_norm_out.G, v->enc_norm_out.eps, 1);
     float* moments = arena_alloc(scratch, (size_t)N * 2 * Lc * H * W);
     float* q = arena_alloc(scratch, (size_t)N * 2 * Lc * H * W);
-    conv2d_forward(moments, m, v->enc_conv_out.w, v->enc_conv_out.b, N, top, H, W, 2 * Lc, 3, 1, 1, 1, scratch);
-    conv2d_forward(q, moments, v->quant_conv.w, v->quant_conv.b, N, 2 * Lc, H, W, 2 * Lc, 1, 1, 0, 0, scratch);
+    conv_apply(&v->enc_conv_out, moments, m, N, H, W, scratch);
+    conv_apply(&v->quant_conv, q, moments, N, H, W, scratch);
     size_t hw = (size_t)H * W;
     for (int n = 0; n < N; n++) {   // moments = (mean | logvar) along channels; logvar clamped to [-30, 20]
         memcpy(mean + (size_t)n * Lc * hw, q + (size_t)n * 2 * Lc * hw, Lc * hw * sizeof(float));
@@ -1106,33 +1186,27 @@ void vae_decode(const Vae* v, float* image, const float* latent, int N, int h, i
     float* z = arena_alloc(scratch, (size_t)N * Lc * H * W);
     for (size_t i = 0; i < (size_t)N * Lc * H * W; i++) z[i] = latent[i] / c->scaling_factor;
     float* zq = arena_alloc(scratch, (size_t)N * Lc * H * W);
-    conv2d_forward(zq, z, v->post_quant_conv.w, v->post_quant_conv.b, N, Lc, H, W, Lc, 1, 1, 0, 0, scratch);
+    conv_apply(&v->post_quant_conv, zq, z, N, H, W, scratch);
     float* x = arena_alloc(scratch, (size_t)N * top * H * W);
-    conv2d_forward(x, zq, v->dec_conv_in.w, v->dec_conv_in.b, N, Lc, H, W, top, 3, 1, 1, 1, scratch);
+    conv_apply(&v->dec_conv_in, x, zq, N, H, W, scratch);
     float* hcur = arena_alloc(scratch, (size_t)N * top * H * W);
     vae_mid_forward(v->dec_mid_res, &v->dec_mid_attn, hcur, x, N, H, W, scratch);
+    hcur = arena_keep(scratch, mark, hcur, (size_t)N * top * H * W);
     for (int i = 0; i < c->levels; i++) {
         const Level* lv = &v->dec_up[i];
-        size_t lmark = arena_mark(scratch);
-        float* o = level_resnets(lv, hcur, N, H, W, scratch);
-        int Ho = lv->has_sampler ? 2 * H : H, Wo = lv->has_sampler ? 2 * W : W;
-        if (lv->has_sampler) {
-            float* up = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
-            upsample_nearest_forward(up, o, N, lv->out, H, W, Ho, Wo);
-            float* d = arena_alloc(scratch, (size_t)N * lv->out * Ho * Wo);
-            conv2d_forward(d, up, lv->sampler.w, lv->sampler.b, N, lv->out, Ho, Wo, lv->out, 3, 1, 1, 1, scratch);
-            o = d;
+        hcur = level_resnets(lv, hcur, mark, N, H, W, scratch);
+        if (lv->has_sampler) {   // nearest ×2, conv 3×3
+            float* up = arena_alloc(scratch, (size_t)N * lv->out * 4 * H * W);
+            upsample_nearest_forward(up, hcur, N, lv->out, H, W, 2 * H, 2 * W);
+            H *= 2; W *= 2;
+            float* d = arena_alloc(scratch, (size_t)N * lv->out * H * W);
+            conv_apply(&lv->sampler, d, up, N, H, W, scratch);
+            hcur = arena_keep(scratch, mark, d, (size_t)N * lv->out * H * W);
         }
-        // Move the level's output down to lmark so the level's temporaries are freed.
-        size_t n = (size_t)N * lv->out * Ho * Wo;
-        float* keep = arena_alloc(scratch, n);
-        memcpy(keep, o, n * sizeof(float));
-        (void)lmark;
-        hcur = keep; H = Ho; W = Wo;
     }
     int C0 = c->block_out[0];
     groupnorm_forward(hcur, NULL, NULL, hcur, v->dec_norm_out.w, v->dec_norm_out.b, N, C0, H * W, v->dec_norm_out.G, v->dec_norm_out.eps, 1);
-    conv2d_forward(image, hcur, v->dec_conv_out.w, v->dec_conv_out.b, N, C0, H, W, c->out_channels, 3, 1, 1, 1, scratch);
+    conv_apply(&v->dec_conv_out, image, hcur, N, H, W, scratch);
     arena_reset(scratch, mark);
 }
 
@@ -1149,13 +1223,13 @@ static void clip_load(ClipTextModel* m, Loader* L) {
     for (int l = 0; l < c->layers; l++) {
         ClipLayer* y = &m->layers[l];
         NAMEF(p, "text_model.encoder.layers.%d.layer_norm1", l); norm_load(&y->ln1, L, p, Hd, 0, c->eps);
-        NAMEF(p, "text_model.encoder.layers.%d.self_attn.q_proj", l); linear_load(&y->q, L, p, Hd, Hd, 1);
-        NAMEF(p, "text_model.encoder.layers.%d.self_attn.k_proj", l); linear_load(&y->k, L, p, Hd, Hd, 1);
-        NAMEF(p, "text_model.encoder.layers.%d.self_attn.v_proj", l); linear_load(&y->v, L, p, Hd, Hd, 1);
-        NAMEF(p, "text_model.encoder.layers.%d.self_attn.out_proj", l); linear_load(&y->o, L, p, Hd, Hd, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.q_proj", l); linear_load(&y->q, L, p, Hd, Hd, 1, 0);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.k_proj", l); linear_load(&y->k, L, p, Hd, Hd, 1, 0);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.v_proj", l); linear_load(&y->v, L, p, Hd, Hd, 1, 0);
+        NAMEF(p, "text_model.encoder.layers.%d.self_attn.out_proj", l); linear_load(&y->o, L, p, Hd, Hd, 1, 0);
         NAMEF(p, "text_model.encoder.layers.%d.layer_norm2", l); norm_load(&y->ln2, L, p, Hd, 0, c->eps);
-        NAMEF(p, "text_model.encoder.layers.%d.mlp.fc1", l); linear_load(&y->fc1, L, p, Hd, I, 1);
-        NAMEF(p, "text_model.encoder.layers.%d.mlp.fc2", l); linear_load(&y->fc2, L, p, I, Hd, 1);
+        NAMEF(p, "text_model.encoder.layers.%d.mlp.fc1", l); linear_load(&y->fc1, L, p, Hd, I, 1, 0);
+        NAMEF(p, "text_model.encoder.layers.%d.mlp.fc2", l); linear_load(&y->fc2, L, p, I, Hd, 1, 0);
     }
     norm_load(&m->final_ln, L, "text_model.final_layer_norm", Hd, 0, c->eps);
 }
@@ -1183,18 +1257,18 @@ static void clip_layer_forward(const ClipLayer* y, const ClipConfig* c, ClipLaye
         *sv = (ClipLayerSaved){norm_keep(saved, x, M * Hd, M, 1), {0}, q, k, v, o, arena_alloc(saved, M * c->heads), pre};
     }
     layernorm_forward(a, sv ? sv->ln1.mean : NULL, sv ? sv->ln1.rstd : NULL, x, y->ln1.w, y->ln1.b, (int)M, Hd, y->ln1.eps);
-    linear_forward(q, a, y->q.w, y->q.b, (int)M, Hd, Hd);
-    linear_forward(k, a, y->k.w, y->k.b, (int)M, Hd, Hd);
-    linear_forward(v, a, y->v.w, y->v.b, (int)M, Hd, Hd);
+    linear_apply(&y->q, q, a, (int)M);
+    linear_apply(&y->k, k, a, (int)M);
+    linear_apply(&y->v, v, a, (int)M);
     attention_forward(o, sv ? sv->lse : NULL, q, k, v, N, T, T, c->heads, Hd / c->heads, Hd, Hd, Hd, Hd, 1, scratch);
-    linear_forward(t, o, y->o.w, y->o.b, (int)M, Hd, Hd);
+    linear_apply(&y->o, t, o, (int)M);
     add_inplace(x, t, M * Hd);
     if (sv) sv->ln2 = norm_keep(saved, x, M * Hd, M, 1);
     layernorm_forward(a, sv ? sv->ln2.mean : NULL, sv ? sv->ln2.rstd : NULL, x, y->ln2.w, y->ln2.b, (int)M, Hd, y->ln2.eps);
-    linear_forward(pre, a, y->fc1.w, y->fc1.b, (int)M, Hd, I);
+    linear_apply(&y->fc1, pre, a, (int)M);
     if (c->quick_gelu) quick_gelu_forward(f, pre, M * I);
     else gelu_forward(f, pre, M * I);
-    linear_forward(t, f, y->fc2.w, y->fc2.b, (int)M, I, Hd);
+    linear_apply(&y->fc2, t, f, (int)M);
     add_inplace(x, t, M * Hd);
     arena_reset(scratch, mark);
 }
@@ -1207,22 +1281,22 @@ static void clip_layer_backward(const ClipLayer* y, const ClipConfig* c, const C
     float* df = arena_zalloc(scratch, M * I);
     float* dpre = arena_zalloc(scratch, M * I);
     float* dn = arena_zalloc(scratch, M * Hd);
-    linear_backward(df, NULL, NULL, dx, NULL, y->fc2.w, (int)M, I, Hd);      // x += fc2(act(fc1(LN2(x))))
+    linear_back(&y->fc2, df, dx, (int)M);      // x += fc2(act(fc1(LN2(x))))
     if (c->quick_gelu) quick_gelu_backward(dpre, df, sv->pre, M * I);
     else gelu_backward(dpre, df, sv->pre, M * I);
-    linear_backward(dn, NULL, NULL, dpre, NULL, y->fc1.w, (int)M, Hd, I);
+    linear_back(&y->fc1, dn, dpre, (int)M);
     layernorm_backward(dx, dn, sv->ln2.x, sv->ln2.mean, sv->ln2.rstd, y->ln2.w, (int)M, Hd);
     float* dO = arena_zalloc(scratch, M * Hd);                                 // x += o(attention(q, k, v))
     float* dq = arena_zalloc(scratch, M * Hd);
     float* dk = arena_zalloc(scratch, M * Hd);
     float* dv = arena_zalloc(scratch, M * Hd);
-    linear_backward(dO, NULL, NULL, dx, NULL, y->o.w, (int)M, Hd, Hd);
+    linear_back(&y->o, dO, dx, (int)M);
     attention_backward(dq, dk, dv, dO, sv->o, sv->lse, sv->q, sv->k, sv->v, N, T, T, c->heads, Hd / c->heads,
                        Hd, Hd, Hd, Hd, 1, scratch);
     memset(dn, 0, M * Hd * sizeof(float));
-    linear_backward(dn, NULL, NULL, dq, NULL, y->q.w, (int)M, Hd, Hd);         // q, k, v = proj(LN1(x))
-    linear_backward(dn, NULL, NULL, dk, NULL, y->k.w, (int)M, Hd, Hd);
-    linear_backward(dn, NULL, NULL, dv, NULL, y->v.w, (int)M, Hd, Hd);
+    linear_back(&y->q, dn, dq, (int)M);         // q, k, v = proj(LN1(x))
+    linear_back(&y->k, dn, dk, (int)M);
+    linear_back(&y->v, dn, dv, (int)M);
     layernorm_backward(dx, dn, sv->ln1.x, sv->ln1.mean, sv->ln1.rstd, y->ln1.w, (int)M, Hd);
     arena_reset(scratch, mark);
 }
@@ -1401,8 +1475,26 @@ static void report_unused(SafeTensors* st, int ldm_components, int verbose) {
     if (verbose && !unused) fprintf(stderr, "%s: all %d tensors used\n", st->path, st->n);
 }
 
+// Under SD_F16 a file with F32 or BF16 weights is copied out (converted) and its data block
+// released once loaded; an F16 file's weights are used in place.
+static int file_converted(const SafeTensors* st, int f16) {
+    for (int i = 0; f16 && i < st->n; i++)
+        if (st->entries[i].dtype == DT_F32 || st->entries[i].dtype == DT_BF16) return 1;
+    return 0;
+}
+
+static void release_block(SafeTensors* st) {
+    for (int i = 0; i < st->n; i++) {
+        StEntry* e = &st->entries[i];
+        if (e->dtype == DT_F32 && e->f32 && (const void*)e->f32 == (const void*)(st->data + e->begin)) e->f32 = NULL;
+    }
+    free(st->data);
+    st->data = NULL;
+    st->data_len = 0;
+}
+
 static void load_component(StableDiffusion* sd, Component comp, SafeTensors* st, int ldm, int verbose) {
-    Loader L = {st, ldm, comp, &sd->unet.cfg, &sd->vae.cfg, NULL, 0, NULL, 0, 0};
+    Loader L = {st, ldm, comp, &sd->unet.cfg, &sd->vae.cfg, 0, sd->f16, file_converted(st, sd->f16), 0, sd};
     if (comp == COMP_TEXT) clip_load(&sd->clip, &L);
     if (comp == COMP_UNET) unet_load(&sd->unet, &L);
     if (comp == COMP_VAE) vae_load(&sd->vae, &L);
@@ -1425,10 +1517,29 @@ static void configs_from_dir(StableDiffusion* sd, const char* dir, int component
     if (f) { fclose(f); read_config(dir, "scheduler", &j); scheduler_config_read(&sd->sched, j); json_free(j); }
 }
 
+static void tokenizer_for(StableDiffusion* sd, const char* path, const char* tokenizer_dir) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", tokenizer_dir ? tokenizer_dir : path);
+    if (!tokenizer_dir) snprintf(dir, sizeof dir, "%s/tokenizer", path);
+    sd->tok = tokenizer_load(dir);
+    CHECK(sd->tok, "%s", error_last());
+}
+
+#define SD_RANDOM_MODEL "random:sd15"
+
 void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, const char* config_dir,
              int components, int verbose) {
+    if (strcmp(path, SD_RANDOM_MODEL) == 0) {
+        CHECK(tokenizer_dir || !(components & SD_TOKENIZER), "%s has no tokenizer. Hint: pass --tokenizer DIR (a folder "
+              "with vocab.json and merges.txt, e.g. the tokenizer/ folder of a diffusers model)", path);
+        sd_build_random(sd, components, 1);
+        if (components & SD_TOKENIZER) tokenizer_for(sd, path, tokenizer_dir);
+        sd->loaded = components & ~SD_F16;
+        return;
+    }
     memset(sd, 0, sizeof *sd);
     sd->path = xstrdup(path);
+    sd->f16 = (components & SD_F16) != 0;
     sd_default_configs(&sd->clip.cfg, &sd->unet.cfg, &sd->vae.cfg, &sd->sched);
     sd->ldm = !path_is_dir(path);
     if (sd->ldm) {
@@ -1440,9 +1551,11 @@ void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, c
         if (components & 7) {
             CHECK(st_open(&sd->files[0], path) == 0, "%s", error_last());
             sd->nfiles = 1;
+            int convert = file_converted(&sd->files[0], sd->f16);
             for (int c = 0; c < 3; c++)
                 if (components & (1 << c)) load_component(sd, (Component)c, &sd->files[0], 1, verbose);
             report_unused(&sd->files[0], components & 7, verbose);
+            if (convert) release_block(&sd->files[0]);
         }
     } else {
         configs_from_dir(sd, config_dir ? config_dir : path, components & 7);
@@ -1454,42 +1567,29 @@ void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, c
                   strstr(error_last(), "cannot open") ? ". Hint: a diffusers folder needs <component>/*.safetensors; "
                   "convert .bin files with convert/convert.py" : "");
             load_component(sd, (Component)c, &sd->files[sd->nfiles], 0, verbose);
+            if (file_converted(&sd->files[sd->nfiles], sd->f16)) release_block(&sd->files[sd->nfiles]);
             sd->nfiles++;
         }
     }
-    if (components & SD_TOKENIZER) {
-        char dir[4096];
-        snprintf(dir, sizeof dir, "%s", tokenizer_dir ? tokenizer_dir : path);
-        if (!tokenizer_dir) snprintf(dir, sizeof dir, "%s/tokenizer", path);
-        sd->tok = tokenizer_load(dir);
-        CHECK(sd->tok, "%s", error_last());
-    }
-    sd->loaded = components;
+    if (components & SD_TOKENIZER) tokenizer_for(sd, path, tokenizer_dir);
+    sd->loaded = components & ~SD_F16;
 }
 
 void sd_build_random(StableDiffusion* sd, int components, uint64_t seed) {
     memset(sd, 0, sizeof *sd);
-    sd->path = xstrdup("(random SD 1.5)");
+    sd->path = xstrdup(SD_RANDOM_MODEL);
+    sd->f16 = (components & SD_F16) != 0;
     sd_default_configs(&sd->clip.cfg, &sd->unet.cfg, &sd->vae.cfg, &sd->sched);
-    Rng rng;
-    rng_seed(&rng, seed);
-    Loader L = {NULL, 0, COMP_TEXT, &sd->unet.cfg, &sd->vae.cfg, &rng, 0, NULL, 0, 0};
+    Loader L = {NULL, 0, COMP_TEXT, &sd->unet.cfg, &sd->vae.cfg, seed * 0x9E3779B97F4A7C15ULL + 1, sd->f16, 0, 0, sd};
     if (components & SD_TEXT) { L.comp = COMP_TEXT; L.nparams = 0; clip_load(&sd->clip, &L); sd->params[0] = L.nparams; }
     if (components & SD_UNET) { L.comp = COMP_UNET; L.nparams = 0; unet_load(&sd->unet, &L); sd->params[1] = L.nparams; }
     if (components & SD_VAE) { L.comp = COMP_VAE; L.nparams = 0; vae_load(&sd->vae, &L); sd->params[2] = L.nparams; }
-    // the random weights are owned through the Loader list; keep it in files[0].data's place
-    sd->files[0].data = (unsigned char*)L.owned;
-    sd->files[0].n = -L.nowned;     // marks "random": sd_free frees owned pointers
     sd->loaded = components & 7;
 }
 
 void sd_free(StableDiffusion* sd) {
-    if (sd->files[0].n < 0) {
-        float** owned = (float**)sd->files[0].data;
-        for (int i = 0; i < -sd->files[0].n; i++) free(owned[i]);
-        free(owned);
-        memset(&sd->files[0], 0, sizeof sd->files[0]);
-    }
+    for (int i = 0; i < sd->nowned; i++) free(sd->owned[i]);
+    free(sd->owned);
     for (int i = 0; i < sd->nfiles; i++) st_close(&sd->files[i]);
     if (sd->trained) { train_params_free(sd->trained); free(sd->trained); }
     if (sd->loaded & SD_UNET) unet_free(&sd->unet);

@@ -42,6 +42,8 @@
 // model of the above.
 // Tables come from unicode_tables.h (convert/gen_unicode_tables.py).
 #include "instastyle.h"
+
+#include <math.h>
 #include "unicode_tables.h"
 
 #include <stdlib.h>
@@ -854,7 +856,7 @@ static int load_vocab(Tokenizer* t, const char* path) {
         U32Buf tmp = {0};
         int bad_utf8 = utf8_decode((const unsigned char*)key, klen, 0, &tmp, NULL);
         free(tmp.v);
-        if (v->type != JSON_NUMBER || v->number != (double)(int)v->number || v->number < 0 || v->number >= n) {
+        if (v->type != JSON_NUMBER || !(v->number >= 0 && v->number < n) || v->number != floor(v->number)) {
             error_set("%s: token #%d must map to an integer id in [0, %d)", path, i, n);
             goto done;
         }

@@ -23,7 +23,8 @@ I16/I8 -> I32. Written to OUT.tmp, then renamed.
 Left out: the legacy non-zip format (torch < 1.6: re-save with a recent torch), quantized and
 sparse tensors.
 """
-import argparse, array, collections, json, math, os, pickle, struct, sys, zipfile
+import argparse
+import io, array, collections, json, math, os, pickle, pickletools, struct, sys, zipfile
 
 SIZES = {'F64': 8, 'F32': 4, 'F16': 2, 'BF16': 2, 'I64': 8, 'I32': 4, 'I16': 2, 'I8': 1, 'U8': 1, 'BOOL': 1}
 STORAGES = {'DoubleStorage': 'F64', 'FloatStorage': 'F32', 'HalfStorage': 'F16', 'BFloat16Storage': 'BF16',
@@ -38,6 +39,9 @@ HARMLESS = {('pytorch_lightning.callbacks.model_checkpoint', 'ModelCheckpoint'),
             ('_codecs', 'encode'), ('builtins', 'set'), ('__builtin__', 'set'), ('torch', 'device'),
             ('argparse', 'Namespace')}
 LEGACY_MAGIC = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'  # pickle proto 2 + torch's legacy magic number
+
+
+MAX_PICKLE_BYTES = 256 << 20
 
 
 class ConvertError(Exception):
@@ -111,6 +115,20 @@ class RestrictedUnpickler(pickle.Unpickler):
         return Storage(pid[1].dtype, str(pid[2]), pid[4])
 
 
+def check_pickle(data, path):
+    """Walks the opcodes before unpickling: a memo index or frame length larger than the pickle
+    itself is a lie that would make the C unpickler allocate gigabytes."""
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT', 'GET', 'BINGET', 'LONG_BINGET', 'FRAME') and int(arg) > len(data):
+                raise ConvertError('%s: data.pkl opcode %s has argument %s, beyond the pickle\'s %d bytes'
+                                   % (path, op.name, arg, len(data)))
+    except ConvertError:
+        raise
+    except Exception as e:
+        raise ConvertError('%s: data.pkl is not a valid pickle: %s' % (path, e))
+
+
 class Checkpoint:
     """An opened torch zip checkpoint: the unpickled object plus lazy access to its storages."""
 
@@ -139,8 +157,15 @@ class Checkpoint:
             if order not in ('little', 'big'):
                 raise ConvertError("%s: byteorder record says %r, expected 'little' or 'big'" % (path, order))
             self.swap = order == 'big'  # storages are in the writer's byte order; output is little-endian
-            with self.zip.open(pkls[0]) as f:
-                self.obj = RestrictedUnpickler(f, encoding='utf-8').load()
+            # data.pkl is read whole first (it holds names and shapes only: a few MB for SD), so
+            # a lying length inside the pickle fails at once instead of streaming the zip.
+            size = self.zip.getinfo(pkls[0]).file_size
+            if size > MAX_PICKLE_BYTES:
+                raise ConvertError('%s: data.pkl is %d bytes, over the %d limit for a state dict'
+                                   % (path, size, MAX_PICKLE_BYTES))
+            pkl = self.zip.read(pkls[0])
+            check_pickle(pkl, path)
+            self.obj = RestrictedUnpickler(io.BytesIO(pkl), encoding='utf-8').load()
         except ConvertError as e:
             raise ConvertError(str(e) if str(e).startswith(path) else '%s: %s' % (path, e))
         except Exception as e:

@@ -35,7 +35,17 @@ for t in "$build"/test_* "$build"/gradcheck; do
     [ -x "$t" ] || continue
     run "$(basename "$t")" "$t" "$golden"
 done
+export FUZZ_TOKENIZER=$golden/models/tiny-sd15/tokenizer FUZZ_MODEL=$golden/models/tiny-sd15
+for r in "$build"/replay_*; do   # fuzz regression inputs (crashes once found, now fixed)
+    [ -x "$r" ] || continue
+    t=${r##*/replay_}
+    [ -d "tests/fuzz/regressions/$t" ] && run "fuzz regressions $t" "$r" "tests/fuzz/regressions/$t"
+done
+if command -v python3 >/dev/null 2>&1 && [ -d tests/fuzz/regressions/convert ]; then
+    run "fuzz regressions convert" python3 tests/fuzz/fuzz_convert.py --replay tests/fuzz/regressions/convert
+fi
 run cli tests/test_cli.sh "$golden"
+run kill-resume tests/test_kill.sh "$golden"
 if command -v python3 >/dev/null 2>&1; then
     run convert python3 tests/test_convert.py "$golden"
 else

@@ -26,7 +26,7 @@ expect_error() {
     if [ $rc -eq 0 ]; then bad "$name" "exit status 0"; return; fi
     if [ $rc -ge 128 ]; then bad "$name" "killed by signal $((rc - 128))"; return; fi
     if grep -qE "Sanitizer|runtime error|Segmentation|Aborted|stack trace" "$tmp/err"; then bad "$name" "$(head -n 3 "$tmp/err")"; return; fi
-    if ! grep -q "^error: " "$tmp/err"; then bad "$name" "no 'error:' line: $(head -n 2 "$tmp/err")"; return; fi
+    if [ "$(grep -c "^error: " "$tmp/err")" -ne 1 ]; then bad "$name" "expected one 'error:' line: $(head -n 2 "$tmp/err")"; return; fi
     ok "$name"
 }
 
@@ -103,5 +103,19 @@ expect_error "ldm without tokenizer" "$bin" generate --model "$golden/models/tin
 grep -q "tokenizer" "$tmp/err" && ok "ldm hint names --tokenizer" || bad "ldm hint" "$(cat "$tmp/err")"
 expect_error "ldm with wrong config" "$bin" info --model "$golden/models/tiny-sd15.ldm.safetensors"
 expect_error "mix alpha out of range" "$bin" mix --model "$model" --noise1 "$tmp/noise.safetensors" --noise2 "$tmp/noise.safetensors" --object a --style1 b --style2 c --alpha 2
+# refine: wrong style word, missing or bad picks, bad files
+expect_error "refine multi-token style" "$bin" refine --model "$model" --images "$tmp/ref.ppm" --objects house --style "oil painting" --size 64 --steps 1
+grep -q "CLIP tokens" "$tmp/err" && ok "refine style hint" || bad "refine style hint" "$(cat "$tmp/err")"
+expect_error "refine picks without candidates" "$bin" refine --model "$model" --picks 1,2 --style ink --size 64 --steps 1
+expect_error "refine pick not in manifest" "$bin" refine --model "$model" --picks 7 --candidates "$tmp/cand" --style ink --size 64 --steps 1
+mkdir -p "$tmp/evil"; printf 'number\tobject\tprompt\tfile\n1\tcat\tA cat\t../../etc/passwd\n' > "$tmp/evil/manifest.tsv"
+expect_error "refine manifest path traversal" "$bin" refine --model "$model" --picks 1 --candidates "$tmp/evil" --style ink --size 64 --steps 1
+expect_error "refine resume from a noise file" "$bin" refine --model "$model" --images "$tmp/ref.ppm" --objects house --style ink --size 64 --steps 2 --resume "$tmp/noise.safetensors" --out "$tmp/r.safetensors"
+expect_error "refine no images" "$bin" refine --model "$model" --style ink --size 64 --steps 1
+expect_error "generate with a noise file as --trained" "$bin" generate --model "$model" --prompt x --size 64 --steps 2 --trained "$tmp/noise.safetensors"
+expect_error "generate with a lying --trained file" "$bin" generate --model "$model" --prompt x --size 64 --steps 2 --trained "$tmp/lying.safetensors"
+"$bin" generate --model "$model" --prompt "a red house" --size 128 --steps 2 --seed 7 --out "$tmp/big.ppm" >/dev/null 2>&1
+"$bin" invert --model "$model" --image "$tmp/big.ppm" --style ink --object house --size 128 --steps 2 --out "$tmp/noise128.safetensors" >/dev/null 2>&1
+expect_error "mix noises of different sizes" "$bin" mix --model "$model" --noise1 "$tmp/noise.safetensors" --noise2 "$tmp/noise128.safetensors" --object a --style1 b --style2 c --steps 2
 echo "$pass passed, $fail failed, $skip skipped"
 [ "$fail" -eq 0 ]

@@ -13,6 +13,8 @@
 // catch a dropped, doubled or perturbed product: one term is ~S/K, at least 10× the bound for
 // the K <= 900 used here.
 //
+// sgemm_op's fp16, im2col and bias variants must reproduce sgemm's bits exactly (see test_operands).
+//
 // Each check prints PASS/FAIL; the last line is "N passed, M failed". The AVX2 and scalar
 // kernels are tested in child processes (INSTASTYLE_GEMM selects them) when the CPU has them.
 // Build: cc -O2 -std=c11 -Wall -Wextra -I. tests/test_gemm.c gemm.c tensor.c -lm -lpthread
@@ -232,11 +234,74 @@ static void test_parallel_for(void) {
           "an index was run zero or several times, or threads_count is wrong");
 }
 
+// sgemm_op: an fp16 operand gives the bits of sgemm on its fp32 conversion (packing converts
+// exactly); an im2col operand the bits of sgemm on the materialised im2col matrix; a bias the bits
+// of a pass over C afterwards. Shapes cover all transposes, strides 1 and 2, asymmetric padding,
+// images narrower than a vector (row-crossing pixel groups) and wider than a panel.
+static void test_operands(void) {
+    int ok = 1;
+    char detail[256] = "";
+    for (int c = 0; c < 80 && ok; c++) {
+        int M = irand(1, 70), N = irand(1, 130), K = irand(1, 900), tA = c & 1, tB = (c >> 1) & 1, half_a = (c >> 2) & 1;
+        int lda = (tA ? M : K) + irand(0, 2), ldb = (tB ? K : N) + irand(0, 2);
+        size_t na = (size_t)(tA ? K : M) * lda, nb = (size_t)(tB ? N : K) * ldb;
+        float *A = alloc_fill(na), *B = alloc_fill(nb), *X = half_a ? A : B;
+        size_t nx = half_a ? na : nb;
+        uint16_t* H = xmalloc(nx * sizeof(uint16_t));
+        for (size_t i = 0; i < nx; i++) { H[i] = f32_to_f16(X[i]); X[i] = f16_to_f32(H[i]); }
+        float *bias = alloc_fill((size_t)(M > N ? M : N)), *C1 = alloc_fill((size_t)M * N);
+        float* C2 = xmalloc((size_t)M * N * sizeof(float));
+        memcpy(C2, C1, (size_t)M * N * sizeof(float));
+        int rows = c % 3 == 0;
+        sgemm(tA, tB, M, N, K, 0.75f, A, lda, B, ldb, 0.5f, C1, N);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) C1[(size_t)i * N + j] += bias[rows ? i : j];
+        GemmOperand oa = {half_a ? NULL : A, half_a ? H : NULL, NULL, lda, tA};
+        GemmOperand ob = {half_a ? B : NULL, half_a ? NULL : H, NULL, ldb, tB};
+        sgemm_op(M, N, K, 0.75f, oa, ob, 0.5f, bias, rows, C2, N);
+        if (memcmp(C1, C2, (size_t)M * N * sizeof(float)) != 0) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "fp16 %s operand, bias per %s: M=%d N=%d K=%d tA=%d tB=%d", half_a ? "A" : "B",
+                     rows ? "row" : "column", M, N, K, tA, tB);
+        }
+        free(A); free(B); free(H); free(bias); free(C1); free(C2);
+    }
+    check(ok, "sgemm_op: fp16 operand and bias = sgemm on the fp32 conversion + bias pass, bitwise", detail);
+    ok = 1;
+    for (int c = 0; c < 60 && ok; c++) {
+        int C = irand(1, 12), H = irand(1, 40), W = irand(1, 70), K = c % 4 == 3 ? 1 : 3, s = 1 + (c % 5 == 4);
+        int plo = K == 3 ? irand(0, 1) : 0, phi = K == 3 ? irand(0, 1) : 0;
+        if (c % 3 == 0) { W = 16 * irand(1, 5); s = 1; K = 3; plo = phi = 1; }   // the vector fast path
+        int Ho = (H + plo + phi - K) / s + 1, Wo = (W + plo + phi - K) / s + 1;
+        if (Ho < 1 || Wo < 1) continue;
+        int OC = irand(1, 40), CKK = C * K * K, P = Ho * Wo;
+        float *x = alloc_fill((size_t)C * H * W), *w = alloc_fill((size_t)OC * CKK);
+        float* col = xmalloc((size_t)CKK * P * sizeof(float));
+        for (int k = 0; k < CKK; k++)
+            for (int p = 0; p < P; p++) {
+                int ch = k / (K * K), iy = p / Wo * s - plo + k / K % K, ix = p % Wo * s - plo + k % K;
+                col[(size_t)k * P + p] = iy >= 0 && iy < H && ix >= 0 && ix < W ? x[((size_t)ch * H + iy) * W + ix] : 0.0f;
+            }
+        float *C1 = xmalloc((size_t)OC * P * sizeof(float)), *C2 = xmalloc((size_t)OC * P * sizeof(float));
+        sgemm(0, 0, OC, P, CKK, 1.0f, w, CKK, col, P, 0.0f, C1, P);
+        GemmIm2col im = {x, C, H, W, K, s, plo, Wo};
+        sgemm_op(OC, P, CKK, 1.0f, (GemmOperand){w, NULL, NULL, CKK, 0}, (GemmOperand){NULL, NULL, &im, 0, 0}, 0.0f,
+                 NULL, 0, C2, P);
+        if (memcmp(C1, C2, (size_t)OC * P * sizeof(float)) != 0) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "C=%d H=%d W=%d K=%d stride=%d pad=(%d,%d) OC=%d", C, H, W, K, s, plo, phi, OC);
+        }
+        free(x); free(w); free(col); free(C1); free(C2);
+    }
+    check(ok, "sgemm_op: im2col operand = sgemm on the materialised im2col matrix, bitwise", detail);
+}
+
 static void run_all(void) {
     printf("kernel %s\n", sgemm_kernel_name());
     test_fixed_shapes();
     test_random_shapes();
     test_degenerate();
+    test_operands();
     test_threads_bitwise();
     test_parallel_for();
 }

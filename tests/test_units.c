@@ -166,6 +166,23 @@ static void test_model_files(const char* golden) {
     snprintf(detail, sizeof detail, "max |fp16 - fp32| = %.3g, max |fp32| = %.3g", maxd, maxr);
     printf("  fp16 vs fp32 UNet: %s\n", detail);
     check(maxd <= 1e-2 * maxr && maxd > 0, "LDM fp16 file = diffusers folder within fp16 rounding", detail);
+    // SD_F16 keeps those fp16 weights as they are and converts them while packing: the same bits.
+    sd_load(&sd, fp16, NULL, dir, SD_UNET | SD_F16, 0);
+    float* got16 = unet_output(&sd, N, h, w, &a);
+    check(sd.unet.conv_in.w16 && !sd.unet.conv_in.w, "SD_F16 keeps conv weights in fp16", "conv_in is fp32");
+    sd_free(&sd);
+    check(memcmp(got, got16, n * sizeof(float)) == 0, "SD_F16 on the fp16 file = its fp32 conversion, bit for bit",
+          "UNet outputs differ");
+    free(got16);
+    // ... and converts an fp32 file's linear/conv weights once (norms, biases stay fp32): within fp16 rounding.
+    sd_load(&sd, ldm, NULL, dir, SD_UNET | SD_F16, 0);
+    got16 = unet_output(&sd, N, h, w, &a);
+    sd_free(&sd);
+    maxd = 0;
+    for (size_t i = 0; i < n; i++) maxd = fmax(maxd, fabs(got16[i] - ref[i]));
+    snprintf(detail, sizeof detail, "max |fp16 weights - fp32| = %.3g, max |fp32| = %.3g", maxd, maxr);
+    check(maxd <= 1e-2 * maxr && maxd > 0, "SD_F16 on the fp32 file = fp32 within fp16 rounding", detail);
+    free(got16);
     free(got);
     free(ref);
 
