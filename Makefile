@@ -28,7 +28,7 @@ ifeq ($(CUDA),1)
   CUDA_OBJ = $(BUILD)/nn_cuda.o
 endif
 OBJ = $(SRC:%.c=$(BUILD)/%.o) $(CUDA_OBJ)
-TESTS = $(BUILD)/run_golden $(BUILD)/test_tokenizer $(BUILD)/test_image $(BUILD)/test_gemm $(BUILD)/gradcheck $(BUILD)/test_units $(BUILD)/test_lora $(BUILD)/test_train_loss
+TESTS = $(BUILD)/run_golden $(BUILD)/test_tokenizer $(BUILD)/test_image $(BUILD)/test_gemm $(BUILD)/test_kernels $(BUILD)/gradcheck $(BUILD)/test_units $(BUILD)/test_lora $(BUILD)/test_train_loss
 
 .PHONY: all test debug golden bench demo fuzz clean
 all: instastyle

@@ -293,9 +293,10 @@ static void pack_panels(const void* x, int f16, size_t rs, size_t cs, int mn, in
     }
 }
 
-// The im2col panels, element by element: output pixel p = (oy, ox) reads input row
-// oy·stride − pad + ky and column ox·stride − pad + kx of channel c, or 0 outside the image.
+// The im2col panels, element by element: output pixel p = (oy, ox) reads row oy·stride − pad + ky
+// and column ox·stride − pad + kx of channel c of the (up-sampled) image, or 0 outside it.
 static void pack_im2col_plain(const GemmIm2col* g, int p0, int k0, int mn, int kc, int w, float* dst) {
+    size_t Hs = (size_t)g->H / g->up, Ws = (size_t)g->W / g->up;
     for (int q = 0; q < mn; q += w, dst += (size_t)w * kc)
         for (int r = 0; r < w; r++) {
             int p = p0 + q + r, iy0 = p / g->Wo * g->stride - g->pad, ix0 = p % g->Wo * g->stride - g->pad;
@@ -303,7 +304,7 @@ static void pack_im2col_plain(const GemmIm2col* g, int p0, int k0, int mn, int k
             for (int k = 0; k < kc; k++) {
                 int iy = iy0 + ky, ix = ix0 + kx;
                 int inside = q + r < mn && iy >= 0 && iy < g->H && ix >= 0 && ix < g->W;
-                dst[k * w + r] = inside ? g->x[((size_t)c * g->H + iy) * g->W + ix] : 0.0f;
+                dst[k * w + r] = inside ? g->x[((size_t)c * Hs + (size_t)iy / g->up) * Ws + (size_t)ix / g->up] : 0.0f;
                 if (++kx == g->K) { kx = 0; if (++ky == g->K) { ky = 0; c++; } }
             }
         }
@@ -542,53 +543,83 @@ static void pack_avx512(const void* x, int f16, size_t rs, size_t cs, int mn, in
 // pack_im2col_plain with vectors, 16 pixels at a time. With stride 1 and the 16 pixels in one
 // output row (always, when Wo is a multiple of 16 and panels start at multiples of 16), their
 // inputs are 16 consecutive floats of one input row: one masked load, the mask cutting the
-// zero padding. Otherwise a masked gather. The (c, ky, kx) index advances without divisions.
+// zero padding; through 2× up-sampling, 8 or 9 floats spread over the lanes by a permutation.
+// The masks depend only on (group, kx), so they are made once per panel, and the input row
+// once per (c, ky). Other groups (row-crossing, stride 2) take a masked gather.
 #define GEMM_MAX_NR 48
+#define GEMM_MAX_K 16        // kernel widths up to this take the fast path
 __attribute__((target("avx512f")))
 static void pack_im2col_avx512(const GemmIm2col* g, int p0, int k0, int mn, int kc, int w, float* dst) {
-    int KK = g->K * g->K;
-    size_t HW = (size_t)g->H * g->W;
+    enum { NG = GEMM_MAX_NR / 16 };
+    int K = g->K, KK = K * K, Hs = g->H / g->up, Ws = g->W / g->up, ng = w / 16;
+    size_t HWs = (size_t)Hs * Ws;
+    const __m512i half_lane[2] = {   // lane l of 2× up-sampled columns base.. reads source (base&1 + l) / 2
+        _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0),
+        _mm512_set_epi32(8, 7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0)};
     for (int q = 0; q < mn; q += w, dst += (size_t)w * kc) {
-        int ng = w / 16, row[GEMM_MAX_NR / 16], ix0[GEMM_MAX_NR / 16];
-        __mmask16 in[GEMM_MAX_NR / 16];
-        __m512i viy[GEMM_MAX_NR / 16], vix[GEMM_MAX_NR / 16];
+        int row[NG], fast[NG], off[NG][GEMM_MAX_K], par[NG][GEMM_MAX_K];
+        __mmask16 in[NG], cm[NG][GEMM_MAX_K], sm[NG][GEMM_MAX_K];
+        __m512i viy[NG], vix[NG];
         for (int v = 0; v < ng; v++) {     // per group: input row/column of each lane at ky = kx = 0
             int p = p0 + q + 16 * v, oy = p / g->Wo, ox = p % g->Wo;
             in[v] = mask16(mn - q - 16 * v);
-            row[v] = g->stride == 1 && ox + 15 < g->Wo ? oy - g->pad : INT32_MIN;   // one row: fast path
-            ix0[v] = ox - g->pad;
-            int32_t t[16], u[16];           // each lane's output row and column
+            fast[v] = g->stride == 1 && g->up <= 2 && K <= GEMM_MAX_K && ox + 15 < g->Wo;
+            row[v] = oy - g->pad;
+            for (int kx = 0; fast[v] && kx < K; kx++) {   // lanes inside [0, W), source offset and lanes
+                int ix = ox - g->pad + kx, lo = ix < 0 ? -ix : 0, hi = g->W - ix < 16 ? g->W - ix : 16;
+                cm[v][kx] = in[v] & (__mmask16)(mask16(hi) & ~mask16(lo));
+                off[v][kx] = g->up == 1 ? ix : ix >> 1;
+                par[v][kx] = ix & 1;
+                int s0 = ix >> 1, slo = s0 < 0 ? -s0 : 0, shi = Ws - s0 < 9 ? Ws - s0 : 9;
+                sm[v][kx] = (__mmask16)(mask16(shi) & ~mask16(slo));
+            }
+            int32_t t[16], u[16];           // each lane's output row and column (gather path)
             for (int l = 0; l < 16; l++) { t[l] = (p + l) / g->Wo; u[l] = (p + l) % g->Wo; }
             __m512i voy = _mm512_loadu_si512(t), vox = _mm512_loadu_si512(u);
             viy[v] = _mm512_sub_epi32(_mm512_mullo_epi32(voy, _mm512_set1_epi32(g->stride)), _mm512_set1_epi32(g->pad));
             vix[v] = _mm512_sub_epi32(_mm512_mullo_epi32(vox, _mm512_set1_epi32(g->stride)), _mm512_set1_epi32(g->pad));
         }
-        int c = k0 / KK, ky = k0 / g->K % g->K, kx = k0 % g->K;
-        for (int k = 0; k < kc; k++) {
-            const float* xc = g->x + (size_t)c * HW;
-            float* d = dst + (size_t)k * w;
-            for (int v = 0; v < ng; v++) {
-                __m512 val = _mm512_setzero_ps();
-                if (row[v] != INT32_MIN) {
-                    int iy = row[v] + ky, ix = ix0[v] + kx;
-                    if (iy >= 0 && iy < g->H && in[v]) {
-                        int lo = ix < 0 ? -ix : 0, hi = g->W - ix < 16 ? g->W - ix : 16;
-                        __mmask16 m = in[v] & (__mmask16)(mask16(hi) & ~mask16(lo));
-                        if (m) val = _mm512_maskz_loadu_ps(m, xc + (size_t)iy * g->W + ix);
-                    }
-                } else if (in[v]) {
-                    __m512i iy = _mm512_add_epi32(viy[v], _mm512_set1_epi32(ky));
-                    __m512i ix = _mm512_add_epi32(vix[v], _mm512_set1_epi32(kx));
-                    __mmask16 m = in[v] & _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
-                                  _mm512_cmplt_epi32_mask(iy, _mm512_set1_epi32(g->H)) &
-                                  _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
-                                  _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(g->W));
-                    __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(iy, _mm512_set1_epi32(g->W)), ix);
-                    val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xc, 4);
-                }
-                _mm512_store_ps(d + 16 * v, val);
+        int c = k0 / KK, ky = k0 / K % K, kx = k0 % K;
+        for (int k = 0; k < kc;) {         // one (c, ky) at a time: kx runs along an input row
+            const float* xc = g->x + (size_t)c * HWs;
+            const float* rowp[NG];
+            for (int v = 0; v < ng; v++) {   // (the next panel reads on along the same rows: prefetch them)
+                int iy = row[v] + ky;
+                rowp[v] = fast[v] && in[v] && iy >= 0 && iy < g->H ? xc + (size_t)(iy / g->up) * Ws : NULL;
+                if (rowp[v]) __builtin_prefetch(rowp[v] + off[v][0] + w / g->up);
             }
-            if (++kx == g->K) { kx = 0; if (++ky == g->K) { ky = 0; c++; } }
+            for (; kx < K && k < kc; kx++, k++) {
+                float* d = dst + (size_t)k * w;
+                for (int v = 0; v < ng; v++) {
+                    __m512 val = _mm512_setzero_ps();
+                    if (rowp[v] && g->up == 1)
+                        val = _mm512_maskz_loadu_ps(cm[v][kx], rowp[v] + off[v][kx]);
+                    else if (rowp[v])
+                        val = _mm512_maskz_permutexvar_ps(cm[v][kx], half_lane[par[v][kx]],
+                                                          _mm512_maskz_loadu_ps(sm[v][kx], rowp[v] + off[v][kx]));
+                    else if (!fast[v] && in[v]) {
+                        __m512i iy = _mm512_add_epi32(viy[v], _mm512_set1_epi32(ky));
+                        __m512i ix = _mm512_add_epi32(vix[v], _mm512_set1_epi32(kx));
+                        __mmask16 m = in[v] & _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
+                                      _mm512_cmplt_epi32_mask(iy, _mm512_set1_epi32(g->H)) &
+                                      _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
+                                      _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(g->W));
+                        if (g->up > 1) {   // masked lanes are non-negative: divide lane by lane
+                            int32_t a[16], b[16];
+                            _mm512_storeu_si512(a, iy);
+                            _mm512_storeu_si512(b, ix);
+                            for (int l = 0; l < 16; l++) { a[l] = a[l] >= 0 ? a[l] / g->up : 0; b[l] = b[l] >= 0 ? b[l] / g->up : 0; }
+                            iy = _mm512_loadu_si512(a);
+                            ix = _mm512_loadu_si512(b);
+                        }
+                        __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(iy, _mm512_set1_epi32(Ws)), ix);
+                        val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xc, 4);
+                    }
+                    _mm512_store_ps(d + 16 * v, val);
+                }
+            }
+            kx = 0;
+            if (++ky == K) { ky = 0; c++; }
         }
     }
 }
@@ -637,6 +668,7 @@ typedef struct Operand {
     const void* x;
     int f16;
     const GemmIm2col* im;
+    const GemmPacked* packed;   // already in panels: used in place
     size_t rs, cs;
 } Operand;
 
@@ -663,15 +695,22 @@ static void tile_bias(float* c, int ldc, const float* bias, int bias_rows, int m
     }
 }
 
-// Packs rows [r0, r0+mn) × columns [k0, k0+kc) of the operand into w-wide panels.
-static void pack_operand(const GemmArch* g, const Operand* o, int r0, int k0, int mn, int kc, int w, float* dst) {
+// Packs rows [r0, r0+mn) × columns [k0, k0+kc) of the operand into w-wide panels; returns dst, or
+// for a packed operand the panels where they already are (KC-block at k0 starts at k0·rows
+// rounded up to w; rows r0.. of it at r0·kc).
+static const float* pack_operand(const GemmArch* g, const Operand* o, int r0, int k0, int mn, int kc, int w, float* dst) {
+    if (o->packed) {
+        const GemmPacked* pk = o->packed;
+        return pk->data + (size_t)k0 * ((pk->rows + pk->w - 1) / pk->w * pk->w) + (size_t)r0 * kc;
+    }
     if (o->im) {
         g->pack_im2col(o->im, r0, k0, mn, kc, w, dst);
-        return;
+        return dst;
     }
     size_t off = (size_t)r0 * o->rs + (size_t)k0 * o->cs;
     const void* x = o->f16 ? (const void*)((const uint16_t*)o->x + off) : (const void*)((const float*)o->x + off);
     g->pack(x, o->f16, o->rs, o->cs, mn, kc, w, dst);
+    return dst;
 }
 
 // Each thread's pack buffers, allocated on its first sgemm (freed when a worker exits).
@@ -682,24 +721,30 @@ static float* pack_buffer(void) {
 
 static int round_down(int x, int to) { return x / to * to; }
 
+static int kc_block(int K) {         // KC-blocks of near-equal size, from K alone
+    int kblocks = (K + GEMM_KC_MAX - 1) / GEMM_KC_MAX;
+    return (K + kblocks - 1) / kblocks;
+}
+
 // The five loops over C[i0:i1, j0:j1].
 static void gemm_blocked(const Gemm* p, int i0, int i1, int j0, int j1) {
     int mr = p->kern.mr, nr = p->kern.nr;
-    int kblocks = (p->K + GEMM_KC_MAX - 1) / GEMM_KC_MAX;
-    int kcb = (p->K + kblocks - 1) / kblocks;     // KC-blocks of near-equal size, from K alone
+    int kcb = kc_block(p->K);
     int mcb = round_down(GEMM_A_BYTES / (int)sizeof(float) / kcb, mr);
     int ncb = round_down(GEMM_B_BYTES / (int)sizeof(float) / kcb, nr);
-    float* Ap = pack_buffer();
-    float* Bp = Ap + GEMM_A_BYTES / sizeof(float);
+    if (p->A.packed) mcb = i1 - i0;           // packed panels need no blocking copy
+    if (p->B.packed) ncb = j1 - j0;
+    float* Abuf = pack_buffer();
+    float* Bbuf = Abuf + GEMM_A_BYTES / sizeof(float);
     for (int jc = j0; jc < j1; jc += ncb) {
         int nc = imin(ncb, j1 - jc);
         for (int pc = 0; pc < p->K; pc += kcb) {
             int kc = imin(kcb, p->K - pc);
             float beta = pc == 0 ? p->beta : 1.0f;
-            pack_operand(p->arch, &p->B, jc, pc, nc, kc, nr, Bp);
+            const float* Bp = pack_operand(p->arch, &p->B, jc, pc, nc, kc, nr, Bbuf);
             for (int ic = i0; ic < i1; ic += mcb) {
                 int mc = imin(mcb, i1 - ic);
-                pack_operand(p->arch, &p->A, ic, pc, mc, kc, mr, Ap);
+                const float* Ap = pack_operand(p->arch, &p->A, ic, pc, mc, kc, mr, Abuf);
                 for (int jr = 0; jr < nc; jr += nr)
                     for (int ir = 0; ir < mc; ir += mr) {
                         float* c = p->C + (size_t)(ic + ir) * p->ldc + jc + jr;
@@ -733,12 +778,52 @@ static double padded_area(int M, int N, GemmKernel k) {
 static Operand operand(GemmOperand o, int is_b, int rows, int cols) {
     int ld = o.trans ? rows : cols;      // the stored matrix is rows×cols, or its transpose
     CHECK(!o.im2col || is_b, "sgemm_op: an im2col operand must be B");
+    if (o.packed) {
+        CHECK(o.packed->rows == (is_b ? cols : rows) && o.packed->K == (is_b ? rows : cols),
+              "sgemm_op: packed %s is %d×%d, the product needs %d×%d", is_b ? "B" : "A", o.packed->rows, o.packed->K,
+              is_b ? cols : rows, is_b ? rows : cols);
+        return (Operand){NULL, 0, NULL, o.packed, 0, 0};
+    }
     CHECK(o.im2col || o.ld >= ld, "sgemm_op: leading dimension %d of %s too small (needs %d)", o.ld, is_b ? "B" : "A", ld);
-    if (o.im2col) return (Operand){NULL, 0, o.im2col, 0, 0};
+    if (o.im2col) return (Operand){NULL, 0, o.im2col, NULL, 0, 0};
     size_t along = o.trans ? 1 : (size_t)o.ld, across = o.trans ? (size_t)o.ld : 1;   // op(X)(i, j) strides
     const void* x = o.f16 ? (const void*)o.f16 : (const void*)o.f32;
     // packing reads A by (row, k) and B by (column, k)
-    return is_b ? (Operand){x, o.f16 != NULL, NULL, across, along} : (Operand){x, o.f16 != NULL, NULL, along, across};
+    return is_b ? (Operand){x, o.f16 != NULL, NULL, NULL, across, along} : (Operand){x, o.f16 != NULL, NULL, NULL, along, across};
+}
+
+// The microkernel for an M×N product: the one that pads C least, or the one whose panels a
+// packed operand already has.
+static GemmKernel choose_kernel(const GemmArch* g, int M, int N, const GemmPacked* pa, const GemmPacked* pb) {
+    GemmKernel kern = g->kernels[0];
+    if (g->kernels[1].fn && padded_area(M, N, g->kernels[1]) < padded_area(M, N, kern)) kern = g->kernels[1];
+    for (int i = 0; i < 2 && (pa || pb); i++)
+        if (g->kernels[i].fn && (!pa || pa->w == g->kernels[i].mr) && (!pb || pb->w == g->kernels[i].nr)) return g->kernels[i];
+    CHECK(!pa && !pb, "sgemm_op: packed operands of panel widths %d, %d fit no %s kernel", pa ? pa->w : 0, pb ? pb->w : 0, g->name);
+    return kern;
+}
+
+int sgemm_panel_width(int M, int N, int is_b) {
+    GemmKernel kern = choose_kernel(gemm_arch(), M, N, NULL, NULL);
+    return is_b ? kern.nr : kern.mr;
+}
+
+size_t sgemm_pack_floats(int M, int N, int K, int is_b) {
+    const GemmArch* g = gemm_arch();
+    GemmKernel kern = choose_kernel(g, M, N, NULL, NULL);
+    int w = is_b ? kern.nr : kern.mr, rows = is_b ? N : M;
+    return (size_t)(rows + w - 1) / w * w * K;
+}
+
+void sgemm_pack(GemmPacked* p, float* buf, GemmOperand X, int M, int N, int K, int is_b) {
+    const GemmArch* g = gemm_arch();
+    GemmKernel kern = choose_kernel(g, M, N, NULL, NULL);
+    int w = is_b ? kern.nr : kern.mr, rows = is_b ? N : M, rows_pad = (rows + w - 1) / w * w, kcb = kc_block(K);
+    Operand o = operand(X, is_b, is_b ? K : M, is_b ? N : K);
+    CHECK((uintptr_t)buf % 64 == 0, "sgemm_pack: buffer not 64-byte aligned");
+    *p = (GemmPacked){buf, rows, K, w};
+    for (int pc = 0; pc < K; pc += kcb)
+        pack_operand(g, &o, 0, pc, rows, imin(kcb, K - pc), w, buf + (size_t)pc * rows_pad);
 }
 
 void sgemm_op(int M, int N, int K, float alpha, GemmOperand A, GemmOperand B, float beta, const float* bias,
@@ -758,13 +843,11 @@ void sgemm_op(int M, int N, int K, float alpha, GemmOperand A, GemmOperand B, fl
     }
     if (B.im2col) {
         const GemmIm2col* g = B.im2col;
-        CHECK(K == g->C * g->K * g->K && g->Wo > 0 && g->stride > 0, "sgemm_op: im2col of %d×%d×%d (k %d) for K=%d",
-              g->C, g->H, g->W, g->K, K);
+        CHECK(K == g->C * g->K * g->K && g->Wo > 0 && g->stride > 0 && g->up >= 1 && g->H % g->up == 0 && g->W % g->up == 0,
+              "sgemm_op: im2col of %d×%d×%d (k %d, up %d) for K=%d", g->C, g->H, g->W, g->K, g->up, K);
     }
     const GemmArch* g = gemm_arch();
-    GemmKernel kern = g->kernels[0];
-    if (g->kernels[1].fn && padded_area(M, N, g->kernels[1]) < padded_area(M, N, kern))
-        kern = g->kernels[1];
+    GemmKernel kern = choose_kernel(g, M, N, A.packed, B.packed);
     Gemm p = {g, kern, M, N, K, alpha, beta, operand(A, 0, M, K), operand(B, 1, K, N), bias, bias_rows, C, ldc, 1};
     int nt = (double)M * N * K < GEMM_SERIAL_WORK ? 1 : threads_count();
     if (nt == 1) {
@@ -786,7 +869,7 @@ void sgemm(int transA, int transB, int M, int N, int K, float alpha,
     CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
           "sgemm: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)",
           M, N, K, lda, ldb, ldc);
-    sgemm_op(M, N, K, alpha, (GemmOperand){A, NULL, NULL, lda, transA}, (GemmOperand){B, NULL, NULL, ldb, transB},
+    sgemm_op(M, N, K, alpha, (GemmOperand){.f32 = A, .ld = lda, .trans = transA}, (GemmOperand){.f32 = B, .ld = ldb, .trans = transB},
              beta, NULL, 0, C, ldc);
 }
 

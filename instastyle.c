@@ -45,6 +45,7 @@ typedef struct Common {
     const char* tokenizer;
     const char* config;
     const char* trained;
+    const char* weights;   // "fp16": frozen weights kept in fp16 (SD_F16); NULL or "fp32": fp32
     int threads, verbose;
 } Common;
 
@@ -68,6 +69,8 @@ static void usage_opts(FILE* f, const char* cmd, const char* summary, const Opt*
         fprintf(f, "  %-22s %s [%s]\n", head, opts[i].help, def);
     }
 }
+
+#define NOPTS(opts) ((int)(sizeof(opts) / sizeof *(opts)))
 
 // Parses argv[1..] against opts; --help prints usage and exits 0; anything unknown exits 2.
 static void parse_opts(int argc, char** argv, const char* cmd, const char* summary, const Opt* opts, int n) {
@@ -108,9 +111,10 @@ static void parse_opts(int argc, char** argv, const char* cmd, const char* summa
 }
 
 #define COMMON_OPTS(c) \
-    {"--model", OPT_STR, &(c).model, "SD 1.5: diffusers folder or single-file .safetensors"}, \
+    {"--model", OPT_STR, &(c).model, "SD 1.5: diffusers folder, single-file .safetensors, or random:sd15 (timing)"}, \
     {"--tokenizer", OPT_STR, &(c).tokenizer, "folder with vocab.json + merges.txt (needed for single files)"}, \
     {"--config", OPT_STR, &(c).config, "diffusers folder whose config.json files describe a single file"}, \
+    {"--weights", OPT_STR, &(c).weights, "fp16: keep linear/conv weights in fp16 (half the memory); fp32 if unset"}, \
     {"--threads", OPT_INT, &(c).threads, "worker threads, 0 = all cores"}, \
     {"-v", OPT_FLAG, &(c).verbose, "verbose: loading details, arena peaks"}
 
@@ -152,10 +156,18 @@ typedef struct Run {
     Schedule sched;
 } Run;
 
+// --weights: fp32 (default) or fp16 → SD_F16.
+static int weights_flag(const char* w) {
+    CHECK(!w || strcmp(w, "fp32") == 0 || strcmp(w, "fp16") == 0, "--weights must be fp32 or fp16, got '%s'", w);
+    return w && strcmp(w, "fp16") == 0 ? SD_F16 : 0;
+}
+
 static void run_load(Run* r, int components) {
     threads_init(r->c.threads);
-    sd_load(&r->sd, r->c.model, r->c.tokenizer, r->c.config, components, r->c.verbose);
-    arena_init(&r->scratch, (size_t)64 << 20);
+    sd_load(&r->sd, r->c.model, r->c.tokenizer, r->c.config, components | weights_flag(r->c.weights), r->c.verbose);
+    // One large chunk (pages are touched only as used): the UNet's and the VAE's working sets reuse
+    // the same memory instead of leaving chunks of mismatched sizes behind (peak RSS).
+    arena_init(&r->scratch, (size_t)1 << 30);
 }
 
 static void run_free(Run* r) {
@@ -261,7 +273,7 @@ static void apply_trained(Run* r) {
 static int cmd_info(int argc, char** argv) {
     Run r = {0};
     Opt opts[] = {COMMON_OPTS(r.c)};
-    parse_opts(argc, argv, "info", "Print a model summary: components, configs, parameter counts, dtypes.", opts, 5);
+    parse_opts(argc, argv, "info", "Print a model summary: components, configs, parameter counts, dtypes.", opts, NOPTS(opts));
     need_model(&r.c, "info");
     int comps = SD_TEXT | SD_UNET | SD_VAE | (r.c.tokenizer || path_is_dir(r.c.model) ? SD_TOKENIZER : 0);
     run_load(&r, comps);
@@ -305,7 +317,7 @@ static int cmd_tokenize(int argc, char** argv) {
     const char* add = NULL;
     Opt opts[] = {COMMON_OPTS(r.c), {"--prompt", OPT_STR, &prompt, "text to tokenize"},
                   {"--add-token", OPT_STR, &add, "comma-separated added tokens, e.g. <style1>,<style2>"}};
-    parse_opts(argc, argv, "tokenize", "Print the CLIP token ids of a prompt (BOS ... EOS, padding omitted).", opts, 7);
+    parse_opts(argc, argv, "tokenize", "Print the CLIP token ids of a prompt (BOS ... EOS, padding omitted).", opts, NOPTS(opts));
     CHECK(prompt, "tokenize: --prompt TEXT is required");
     const char* dir = r.c.tokenizer;
     char buf[4096];
@@ -332,7 +344,7 @@ static int cmd_snr(int argc, char** argv) {
     int every = 50;
     Opt opts[] = {COMMON_OPTS(r.c), {"--every", OPT_INT, &every, "print every N-th train step"}};
     parse_opts(argc, argv, "snr", "Print the SNR of DDIM-inversion noise by train timestep (InstaStyle eq. 8).\n"
-               "The model's scheduler config is used when --model is given, else SD 1.5's.", opts, 6);
+               "The model's scheduler config is used when --model is given, else SD 1.5's.", opts, NOPTS(opts));
     CHECK(every >= 1, "--every must be >= 1");
     SchedulerConfig cfg;
     sd_default_configs(NULL, NULL, NULL, &cfg);
@@ -367,7 +379,7 @@ static int cmd_invert(int argc, char** argv) {
         {"--until", OPT_INT, &until, "invert only this many steps (0 = all; paper Fig. 19)"},
         {"--size", OPT_STR, &size, "working size N or WxH (centre crop + bicubic resize)"},
         {"--out", OPT_STR, &out, "noise file to write"}};
-    parse_opts(argc, argv, "invert", "DDIM-invert a style image into its style noise z_T (conditional noise only).", opts, 14);
+    parse_opts(argc, argv, "invert", "DDIM-invert a style image into its style noise z_T (conditional noise only).", opts, NOPTS(opts));
     need_model(&r.c, "invert");
     CHECK(image, "invert: --image PATH is required");
     char* text = make_prompt(prompt, object, style);
@@ -478,7 +490,7 @@ static int cmd_generate(int argc, char** argv) {
         {"--count", OPT_INT, &g.count, "images to generate (seeds seed, seed+1, ...)"},
         {"--size", OPT_STR, &g.size, "image size N or WxH when no --noise is given"},
         {"--out", OPT_STR, &g.out, "output image (.png, .ppm, .bmp); numbered when --count > 1"}};
-    parse_opts(argc, argv, "generate", "Sample images with DDIM and classifier-free guidance (InstaStyle eq. 10).", opts, 18);
+    parse_opts(argc, argv, "generate", "Sample images with DDIM and classifier-free guidance (InstaStyle eq. 10).", opts, NOPTS(opts));
     need_model(&r.c, "generate");
     CHECK(g.count >= 1 && g.count <= 1000, "--count must be in [1, 1000]");
     CHECK(g.rand_scale >= 0 && g.rand_scale <= 1, "--rand-scale must be in [0, 1]");
@@ -532,7 +544,7 @@ static int cmd_candidates(int argc, char** argv) {
         {"--cols", OPT_INT, &cols, "contact sheet columns"},
         {"--out", OPT_STR, &g.out, "output folder: NN_<object>.png, sheet.png, manifest.tsv"}};
     parse_opts(argc, argv, "candidates", "InstaStyle stage 1: M stylised objects from one style noise, and a numbered\n"
-               "contact sheet to pick the best N from (pass the numbers to 'refine --picks').", opts, 17);
+               "contact sheet to pick the best N from (pass the numbers to 'refine --picks').", opts, NOPTS(opts));
     need_model(&r.c, "candidates");
     CHECK(g.style, "candidates: --style is required (the style words of the prompt)");
     CHECK(g.noise || image, "candidates: give --noise FILE (from 'invert') or --image PATH");
@@ -631,7 +643,7 @@ static int cmd_mix(int argc, char** argv) {
         {"--seed", OPT_INT, &g.seed, "seed of the mask"},
         {"--out", OPT_STR, &g.out, "output image"}};
     parse_opts(argc, argv, "mix", "Two styles: mix their inversion noises with a random mask M (ratio alpha) and\n"
-               "compose guidance: e = e0 + w(1-beta)(e1 - e0) + w beta (e2 - e0).", opts, 21);
+               "compose guidance: e = e0 + w(1-beta)(e1 - e0) + w beta (e2 - e0).", opts, NOPTS(opts));
     need_model(&r.c, "mix");
     CHECK(noise1 && noise2, "mix: --noise1 and --noise2 are required");
     CHECK(alpha >= 0 && alpha <= 1 && beta >= 0 && beta <= 1, "--alpha and --beta must be in [0, 1]");
@@ -952,7 +964,7 @@ int cmd_refine(int argc, char** argv) {
         {"--resume", OPT_STR, &o.resume, "continue from a checkpoint (same data and options)"},
         {"--out", OPT_STR, &o.out, "trained file for --trained (+ .lora / .style1 exports beside it)"}};
     parse_opts(argc, argv, "refine", "InstaStyle stage 2: learn <style1> (from --style) + LoRA on every cross-attention\n"
-               "to_k/to_v, loss |e - e_theta(z_t, t, c)|^2, Adam, on the picked candidates and the reference.", opts, 37);
+               "to_k/to_v, loss |e - e_theta(z_t, t, c)|^2, Adam, on the picked candidates and the reference.", opts, NOPTS(opts));
     need_model(&r.c, "refine");
     CHECK(o.style, "refine: --style WORD is required (one CLIP token that initialises <style1>)");
     CHECK(strcmp(o.mode, "lora") == 0 || strcmp(o.mode, "kv") == 0, "--mode must be lora or kv, got '%s'", o.mode);
@@ -1018,10 +1030,14 @@ int cmd_refine(int argc, char** argv) {
 // ----------------------------------------------------------------------------------------------
 // bench: full-size SD 1.5 with random weights. Each stage runs in a child process that builds
 // only the weights it needs, so its peak RSS is its own. FLOPs are counted by sgemm (every
-// matmul, convolution and attention product goes through it: 2·M·N·K each).
+// matmul, convolution and attention product goes through it: 2·M·N·K each). The model stages
+// are timed after one untimed call (sampling calls the UNet 50 times, training steps hundreds of
+// times; the first call also pays the arena's first page faults); the generate-equivalent row is
+// one cold pass of what 'generate --steps 1' runs, for its peak RSS.
 
 typedef struct BenchResult { double seconds, gflop; long rss_kb; int ok; } BenchResult;
 typedef void (*BenchFn)(int threads, int size, BenchResult* out);
+static int g_bench_f16;      // SD_F16 when --weights fp16
 
 static void bench_gemm_shape(int M, int N, int K, int transB, BenchResult* out) {
     float* A = xmalloc((size_t)M * K * sizeof(float));
@@ -1040,72 +1056,84 @@ static void bench_gemm_shape(int M, int N, int K, int transB, BenchResult* out) 
     free(A); free(B); free(C);
 }
 
-static Arena bench_arena(void) { Arena a; arena_init(&a, (size_t)256 << 20); return a; }
+static Arena bench_arena(void) { Arena a; arena_init(&a, (size_t)1 << 30); return a; }
 
-static void bench_clip(int threads, int size, BenchResult* out) {
-    (void)threads; (void)size;
+// The model stages: each runs once untimed, then once timed.
+typedef struct BenchModel {
     StableDiffusion sd;
-    sd_build_random(&sd, SD_TEXT, 1);
-    Arena a = bench_arena();
-    int N = 2, T = CLIP_MAX_LENGTH, ids[2 * CLIP_MAX_LENGTH];
-    for (int i = 0; i < N * T; i++) ids[i] = (i * 7919) % sd.clip.cfg.vocab_size;
-    float* hidden = xmalloc((size_t)N * T * sd.clip.cfg.hidden * sizeof(float));
-    clip_forward(&sd.clip, hidden, ids, N, T, &a);
-    double f0 = sgemm_flop_count(), t0 = time_now();
-    clip_forward(&sd.clip, hidden, ids, N, T, &a);
-    out->seconds = time_now() - t0;
-    out->gflop = (sgemm_flop_count() - f0) / 1e9;
-    free(hidden); arena_free(&a); sd_free(&sd);
-}
+    Arena a;
+    int N, h, w, size;
+    int ids[2 * CLIP_MAX_LENGTH];
+    float *hidden, *x, *eps, *ctx, *img, *lat;
+} BenchModel;
 
-static void bench_unet(int threads, int size, BenchResult* out) {
-    (void)threads;
-    StableDiffusion sd;
-    sd_build_random(&sd, SD_UNET, 2);
-    Arena a = bench_arena();
-    int N = 2, h = size / 8, w = size / 8, L = sd.unet.cfg.in_channels, D = sd.unet.cfg.cross_dim;
+static void bench_model_init(BenchModel* m, int components, int size) {
+    sd_build_random(&m->sd, components | g_bench_f16, 1);
+    m->a = bench_arena();
+    m->N = 2;
+    m->size = size;
+    m->h = m->w = size / 8;
+    for (int i = 0; i < 2 * CLIP_MAX_LENGTH; i++) m->ids[i] = (i * 7919) % m->sd.clip.cfg.vocab_size;
+    size_t lat = (size_t)m->N * m->sd.unet.cfg.in_channels * m->h * m->w;
+    size_t nctx = (size_t)m->N * CLIP_MAX_LENGTH * m->sd.unet.cfg.cross_dim;
+    m->hidden = xmalloc((size_t)m->N * CLIP_MAX_LENGTH * m->sd.clip.cfg.hidden * sizeof(float));
+    m->ctx = xmalloc(nctx * sizeof(float));
+    m->x = xmalloc(lat * sizeof(float));
+    m->eps = xmalloc(lat * sizeof(float));
+    m->lat = xmalloc(lat * sizeof(float));
+    m->img = xmalloc((size_t)m->N * 3 * size * size * sizeof(float));
     Rng rng;
     rng_seed(&rng, 3);
-    float* x = xmalloc((size_t)N * L * h * w * sizeof(float));
-    float* eps = xmalloc((size_t)N * L * h * w * sizeof(float));
-    float* ctx = xmalloc((size_t)N * CLIP_MAX_LENGTH * D * sizeof(float));
-    rng_normal(&rng, x, (size_t)N * L * h * w);
-    rng_normal(&rng, ctx, (size_t)N * CLIP_MAX_LENGTH * D);
-    float t[2] = {981, 981};
-    unet_forward(&sd.unet, eps, x, t, ctx, N, h, w, CLIP_MAX_LENGTH, &a);   // warm-up: sampling calls it 50 times
-    double f0 = sgemm_flop_count(), t0 = time_now();
-    unet_forward(&sd.unet, eps, x, t, ctx, N, h, w, CLIP_MAX_LENGTH, &a);
-    out->seconds = time_now() - t0;
-    out->gflop = (sgemm_flop_count() - f0) / 1e9;
-    free(x); free(eps); free(ctx); arena_free(&a); sd_free(&sd);
+    rng_normal(&rng, m->x, lat);
+    rng_normal(&rng, m->lat, lat);
+    rng_normal(&rng, m->ctx, nctx);
+    rng_normal(&rng, m->img, (size_t)3 * size * size);
 }
 
-static void bench_vae(int size, BenchResult* out, int decode) {
-    StableDiffusion sd;
-    sd_build_random(&sd, SD_VAE, 4);
-    Arena a = bench_arena();
-    int f = vae_down_factor(&sd.vae), h = size / f, w = size / f, L = sd.vae.cfg.latent_channels;
-    Rng rng;
-    rng_seed(&rng, 5);
-    float* img = xmalloc((size_t)3 * size * size * sizeof(float));
-    float* lat = xmalloc((size_t)L * h * w * sizeof(float));
-    rng_normal(&rng, img, (size_t)3 * size * size);
-    rng_normal(&rng, lat, (size_t)L * h * w);
+static void bench_model_free(BenchModel* m) {
+    free(m->hidden); free(m->ctx); free(m->x); free(m->eps); free(m->lat); free(m->img);
+    arena_free(&m->a);
+    sd_free(&m->sd);
+}
+
+enum { RUN_CLIP = 1, RUN_UNET = 2, RUN_DECODE = 4, RUN_ENCODE = 8 };
+static void bench_model_run(BenchModel* m, int what) {
+    float t[2] = {981, 981};
+    if (what & RUN_CLIP) clip_forward(&m->sd.clip, m->hidden, m->ids, m->N, CLIP_MAX_LENGTH, &m->a);
+    if (what & RUN_UNET) unet_forward(&m->sd.unet, m->eps, m->x, t, m->ctx, m->N, m->h, m->w, CLIP_MAX_LENGTH, &m->a);
+    if (what & RUN_DECODE) vae_decode(&m->sd.vae, m->img, m->lat, 1, m->h, m->w, &m->a);
+    if (what & RUN_ENCODE) vae_encode(&m->sd.vae, m->lat, NULL, m->img, 1, m->size, m->size, &m->a);
+}
+
+static void bench_model(int components, int what, int warm, int size, BenchResult* out) {
+    BenchModel m;
+    bench_model_init(&m, components, size);
+    if (warm) bench_model_run(&m, what);
     double f0 = sgemm_flop_count(), t0 = time_now();
-    if (decode) vae_decode(&sd.vae, img, lat, 1, h, w, &a);
-    else vae_encode(&sd.vae, lat, NULL, img, 1, size, size, &a);
+    bench_model_run(&m, what);
     out->seconds = time_now() - t0;
     out->gflop = (sgemm_flop_count() - f0) / 1e9;
-    free(img); free(lat); arena_free(&a); sd_free(&sd);
+    bench_model_free(&m);
 }
-static void bench_vae_decode(int threads, int size, BenchResult* out) { (void)threads; bench_vae(size, out, 1); }
-static void bench_vae_encode(int threads, int size, BenchResult* out) { (void)threads; bench_vae(size, out, 0); }
+
+static void bench_clip(int threads, int size, BenchResult* out) { (void)threads; bench_model(SD_TEXT, RUN_CLIP, 1, size, out); }
+static void bench_unet(int threads, int size, BenchResult* out) { (void)threads; bench_model(SD_UNET, RUN_UNET, 1, size, out); }
+static void bench_vae_decode(int threads, int size, BenchResult* out) { (void)threads; bench_model(SD_VAE, RUN_DECODE, 1, size, out); }
+static void bench_vae_encode(int threads, int size, BenchResult* out) { (void)threads; bench_model(SD_VAE, RUN_ENCODE, 1, size, out); }
+// CLIP for 2 prompts + one CFG UNet call + one decode, cold, with fp16 weights: generate's peak RSS.
+static void bench_generate(int threads, int size, BenchResult* out) {
+    (void)threads;
+    int f16 = g_bench_f16;
+    g_bench_f16 = SD_F16;
+    bench_model(SD_TEXT | SD_UNET | SD_VAE, RUN_CLIP | RUN_UNET | RUN_DECODE, 0, size, out);
+    g_bench_f16 = f16;
+}
 
 static void bench_train(int threads, int size, BenchResult* out) {
     (void)threads;
     double f0 = sgemm_flop_count();
-    out->seconds = train_bench_step(size, 1);
-    out->gflop = (sgemm_flop_count() - f0) / 1e9;
+    out->seconds = train_bench_step(size, 1, g_bench_f16);
+    out->gflop = (sgemm_flop_count() - f0) / 1e9 / 2;     // a warm-up step, then the timed one
     out->ok = out->seconds > 0;
 }
 
@@ -1138,9 +1166,9 @@ static BenchResult bench_in_child(BenchFn fn, int threads, int size) {
 }
 
 static void bench_row(const char* name, int threads, BenchResult r, double peak) {
-    if (!r.ok) { printf("%-34s %3d  (not available in this build)\n", name, threads); return; }
+    if (!r.ok) { printf("%-40s %3d  (not available in this build)\n", name, threads); return; }
     double gfs = r.gflop / r.seconds;
-    printf("%-34s %3d  %8.3f  %9.1f  %8.1f  %5.1f%%  %8.0f\n", name, threads, r.seconds, r.gflop, gfs,
+    printf("%-40s %3d  %8.3f  %9.1f  %8.1f  %5.1f%%  %8.0f\n", name, threads, r.seconds, r.gflop, gfs,
            100.0 * gfs / peak, r.rss_kb / 1024.0);
     fflush(stdout);
 }
@@ -1169,19 +1197,22 @@ static void bench_peak(int threads, int size, BenchResult* out) {
 
 int cmd_bench(int argc, char** argv) {
     int threads = 0, size = 512;
-    const char* only = "gemm,clip,unet,vae,train";
+    const char* only = "gemm,clip,unet,vae,train,generate";
+    const char* weights = NULL;
     Opt opts[] = {{"--threads", OPT_INT, &threads, "worker threads, 0 = all cores"},
                   {"--size", OPT_INT, &size, "image size for UNet/VAE/training (latents size/8)"},
-                  {"--only", OPT_STR, &only, "comma-separated stages: gemm,clip,unet,vae,train"}};
+                  {"--weights", OPT_STR, &weights, "fp16: frozen linear/conv weights in fp16; fp32 if unset"},
+                  {"--only", OPT_STR, &only, "comma-separated stages: gemm,clip,unet,vae,train,generate"}};
     parse_opts(argc, argv, "bench", "Time full-size SD 1.5 (random weights, built in memory) and report seconds,\n"
-               "GFLOP (counted by sgemm), GFLOP/s, % of this machine's FP32 peak (FMA probe), peak RSS.", opts, 3);
+               "GFLOP (counted by sgemm), GFLOP/s, % of this machine's FP32 peak (FMA probe), peak RSS.", opts, NOPTS(opts));
     CHECK(size >= 64 && size <= 2048 && size % 64 == 0, "--size must be a multiple of 64 in [64, 2048]");
+    g_bench_f16 = weights_flag(weights);
     if (threads <= 0) threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     BenchResult pk = bench_in_child(bench_peak, threads, size);
     double peak = pk.gflop;
-    printf("instastyle bench: %d thread(s), sgemm kernel %s, FP32 peak by FMA probe %.1f GFLOP/s\n", threads,
-           sgemm_kernel_name(), peak);
-    printf("%-34s %3s  %8s  %9s  %8s  %6s  %8s\n", "stage", "thr", "seconds", "GFLOP", "GFLOP/s", "peak", "RSS MiB");
+    printf("instastyle bench: %d thread(s), sgemm kernel %s, %s weights, FP32 peak by FMA probe %.1f GFLOP/s\n", threads,
+           sgemm_kernel_name(), g_bench_f16 ? "fp16" : "fp32", peak);
+    printf("%-40s %3s  %8s  %9s  %8s  %6s  %8s\n", "stage", "thr", "seconds", "GFLOP", "GFLOP/s", "peak", "RSS MiB");
     char name[64];
     if (strstr(only, "gemm"))
         for (g_gemm_case = 0; g_gemm_case < (int)(sizeof GEMM_CASES / sizeof *GEMM_CASES); g_gemm_case++)
@@ -1203,6 +1234,10 @@ int cmd_bench(int argc, char** argv) {
             snprintf(name, sizeof name, "train step (LoRA) %dx%d batch 1", sizes[i], sizes[i]);
             bench_row(name, threads, bench_in_child(bench_train, threads, sizes[i]), peak);
         }
+    }
+    if (strstr(only, "generate")) {
+        snprintf(name, sizeof name, "generate %dx%d, 1 step, fp16 weights", size, size);
+        bench_row(name, threads, bench_in_child(bench_generate, threads, size), peak);
     }
     return 0;
 }
@@ -1230,7 +1265,8 @@ static void usage(FILE* f) {
                "usage: instastyle <command> [options]   (instastyle <command> --help for its options)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) fprintf(f, "  %-11s %s\n", COMMANDS[i].name, COMMANDS[i].help);
     fprintf(f, "\ncommon options: --model PATH (diffusers folder or single-file .safetensors), --tokenizer DIR,\n"
-               "  --config DIR, --threads N [0 = all cores], -v\n"
+               "  --config DIR, --weights fp16 (half the memory), --threads N [0 = all cores], -v\n"
+               "  (--model random:sd15 --tokenizer DIR: full-size SD 1.5 with random weights, for timing and memory)\n"
                "\nthe method: invert -> candidates -> (pick) -> refine -> invert/generate with --trained; mix for two styles\n");
 }
 

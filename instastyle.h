@@ -154,17 +154,29 @@ void sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
 // product, bias[i] to row i (bias_rows) or bias[j] to column j: C = alpha·op(A)·op(B) + beta·C + bias,
 // the same additions as a pass over C afterwards, made while each tile is in cache.
 typedef struct GemmIm2col {            // rows k = (c, ky, kx) of C·K·K, columns p = (oy, ox) of Ho·Wo:
-    const float* x;                    // x[c, oy·stride − pad + ky, ox·stride − pad + kx], 0 outside
-    int C, H, W, K, stride, pad, Wo;   // x [C, H, W]; pad on top/left
+    const float* x;                    // X[c, oy·stride − pad + ky, ox·stride − pad + kx], 0 outside, where
+    int C, H, W, K, stride, pad, Wo;   // X [C, H, W] = x [C, H/up, W/up] up-sampled by nearest neighbour
+    int up;                            // (1: X = x); pad on top/left
 } GemmIm2col;
+// An operand packed once into the microkernel's panels, for many products with it (attention packs
+// a head's K and V once for all of its query blocks): sgemm_pack packs op(A) (is_b = 0) or op(B)
+// of an M×N×K product into buf (sgemm_pack_floats(M, N, K, is_b) floats, 64-byte aligned); a GemmOperand with
+// `packed` set then uses it in place, in any product with the same K and rows (M or N).
+typedef struct GemmPacked { const float* data; int rows, K, w; } GemmPacked;
 typedef struct GemmOperand {
     const float* f32;
     const uint16_t* f16;
     const GemmIm2col* im2col;
     int ld, trans;
+    const GemmPacked* packed;
 } GemmOperand;
 void sgemm_op(int M, int N, int K, float alpha, GemmOperand A, GemmOperand B, float beta, const float* bias,
               int bias_rows, float* C, int ldc);
+size_t sgemm_pack_floats(int M, int N, int K, int is_b);
+// The panel width w sgemm packs op(B) (is_b) or op(A) in for an M×N product. A row-major [K, w]
+// matrix is already one packed B panel: {data, rows <= w, K, w} (attention's P blocks).
+int sgemm_panel_width(int M, int N, int is_b);
+void sgemm_pack(GemmPacked* p, float* buf, GemmOperand X, int M, int N, int K, int is_b);
 const char* sgemm_kernel_name(void);      // "avx512", "avx2", "scalar"
 double sgemm_flop_count(void);            // 2·M·N·K summed over every sgemm call so far
 
@@ -196,6 +208,10 @@ void conv2d_forward_f16(float* out, const float* inp, const uint16_t* w, const f
                         int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi);
 void conv2d_backward_input_f16(float* dinp, const float* dout, const uint16_t* w, int N, int C, int H, int W,
                                int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
+// out[N, OC, 2H, 2W] = conv2d(upsample_nearest(inp[N, C, H, W], 2H, 2W)) with stride 1 and padding pad,
+// w (fp32) or w16 (fp16, w NULL): the up-sampled image is read on the fly, never stored.
+void conv2d_forward_up2(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
+                        int C, int H, int W, int OC, int K, int pad);
 void groupnorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
                        const float* b, int N, int C, int HW, int G, float eps, int silu);
 void groupnorm_backward(float* dx, const float* dout, const float* x, const float* mean, const float* rstd,
@@ -587,9 +603,9 @@ int trained_apply(StableDiffusion* sd, const char* path);
 // stop); the second exits at once.
 void train_catch_sigint(void);
 int train_interrupted(void);
-// One LoRA training step of full-size SD 1.5 with random weights at size×size; seconds, or
-// -1 when training is not available.
-double train_bench_step(int size, int batch);
+// One LoRA training step of full-size SD 1.5 with random weights (fp16 frozen weights when f16)
+// at size×size, timed after one untimed step; seconds, or -1 when training is not available.
+double train_bench_step(int size, int batch, int f16);
 
 // ---------------------------------------------------------------------------------------------
 // image.c: PPM/BMP/PNG I/O, centre crop and resize, NCHW conversion, contact sheet

@@ -611,9 +611,9 @@ static void on_sigint(int sig) {
 void train_catch_sigint(void) { signal(SIGINT, on_sigint); }
 int train_interrupted(void) { return g_interrupted != 0; }
 
-double train_bench_step(int size, int batch) {
+double train_bench_step(int size, int batch, int f16) {
     StableDiffusion sd;
-    sd_build_random(&sd, SD_TEXT | SD_UNET, 7);
+    sd_build_random(&sd, SD_TEXT | SD_UNET | (f16 ? SD_F16 : 0), 7);
     Schedule s;
     schedule_init(&s, &sd.sched, 1);
     int f = 8, h = size / f, w = size / f, C = sd.unet.cfg.in_channels, T = CLIP_MAX_LENGTH;
@@ -635,6 +635,8 @@ double train_bench_step(int size, int batch) {
     arena_init(&scratch, (size_t)256 << 20);
     arena_init(&saved, (size_t)256 << 20);
     AdamW opt = adamw_defaults();
+    train_step(&sd, &tp, s.alphas_cumprod, &b, &scratch, &saved);     // warm-up: arena pages, pack buffers
+    train_update(&tp, &opt);
     double t0 = time_now();
     train_step(&sd, &tp, s.alphas_cumprod, &b, &scratch, &saved);
     train_update(&tp, &opt);

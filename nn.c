@@ -17,6 +17,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,21 +36,76 @@ static void parallel_for_work(int n, size_t work, void (*fn)(void* ctx, int begi
 // 2^n · e^r with n = round(x·log2 e), r = x − n·ln 2 (two-part ln 2), e^r a degree-6
 // polynomial; relative error about 2 ulp over the float range.
 
+#define ATT_B 32      // attention: queries (or keys) per block; a block [T, ATT_B] is one GEMM panel
+
 typedef struct RowOps {
-    float (*max)(const float* x, int n);
-    float (*exp_sum)(float* x, int n, float shift);             // x ← e^(x − shift); returns Σ x
+    // attention's column softmax and softmax gradient (see col_softmax_plain, dsoftmax_plain)
+    void (*col_softmax)(float* s, int Tk, int cols, int i0, int causal, float* m, float* sum);
+    void (*dsoftmax)(float* s, float* dp, int rows, int cols, const float* lse, const float* D, int by_row, int causal,
+                     int off);
     void (*affine)(float* out, const float* x, int n, float scale, float shift, int silu);  // (x·scale + shift), SiLU
+    double (*sum)(const float* x, size_t n);                  // Σ x, in double
+    double (*sqdev)(const float* x, size_t n, double mu);     // Σ (x − mu)², in double
+    // GEGLU on one row (see geglu_forward): out[f] = v[f]·gelu(g[f]); its gradient dv, dg += ...
+    void (*geglu)(float* out, const float* v, const float* g, int F);
+    void (*geglu_back)(float* dv, float* dg, const float* d, const float* v, const float* g, int F);
 } RowOps;
 
-static float max_plain(const float* x, int n) {
-    float m = -FLT_MAX;
-    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
-    return m;
+// The column softmax of one attention block s[Tk, ATT_B], whose first `cols` columns are queries
+// i0 .. i0+cols−1 (the rest are set to 0). Column c sees the keys j < valid(c) = causal ? i0 + c + 1
+// : Tk (later keys get P = 0). m[c] = max_j s, s ← exp(s − m) in place, sum[c] = Σ_j s, summed down
+// the column in key order.
+static void col_softmax_plain(float* s, int Tk, int cols, int i0, int causal, float* m, float* sum) {
+    for (int c = 0; c < ATT_B; c++) {
+        int valid = c >= cols ? 0 : causal && i0 + c + 1 < Tk ? i0 + c + 1 : Tk;
+        float mx = -FLT_MAX, acc = 0.0f;
+        for (int j = 0; j < valid; j++) mx = s[(size_t)j * ATT_B + c] > mx ? s[(size_t)j * ATT_B + c] : mx;
+        for (int j = 0; j < Tk; j++) {
+            float* e = &s[(size_t)j * ATT_B + c];
+            *e = j < valid ? expf(*e - mx) : 0.0f;
+            acc += *e;
+        }
+        if (c < cols) { m[c] = mx; sum[c] = acc; }
+    }
 }
-static float exp_sum_plain(float* x, int n, float shift) {
-    float sum = 0;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - shift); sum += x[i]; }
-    return sum;
+// The softmax gradient of one attention block of ATT_B columns (cols of them in use; the rest
+// are set to 0): s ← p = exp(s − lse), dp ← ds = p·(dp − D). by_row: row r is query r and column
+// c key off + c (lse[r], D[r]); else row r is key r and column c query off + c (lse[c], D[c]).
+// Causal: p = 0 where the key comes after the query.
+static void dsoftmax_plain(float* s, float* dp, int rows, int cols, const float* lse, const float* D, int by_row, int causal,
+                           int off) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < ATT_B; c++) {
+            size_t e = (size_t)r * ATT_B + c;
+            int key = by_row ? off + c : r, query = by_row ? r : off + c, i = by_row ? r : c;
+            float p = c < cols && !(causal && key > query) ? expf(s[e] - lse[i]) : 0.0f;
+            s[e] = p;
+            dp[e] = c < cols ? p * (dp[e] - D[i]) : 0.0f;
+        }
+}
+// gelu(x) = x·Φ(x) = ½x(1 + erf(x/√2));  d/dx = Φ(x) + x·φ(x)
+static float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+static float gelu_grad(float x) {
+    return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+static void geglu_plain(float* out, const float* v, const float* g, int F) {
+    for (int f = 0; f < F; f++) out[f] = v[f] * gelu(g[f]);
+}
+static void geglu_back_plain(float* dv, float* dg, const float* d, const float* v, const float* g, int F) {
+    for (int f = 0; f < F; f++) {
+        dv[f] += d[f] * gelu(g[f]);
+        dg[f] += d[f] * v[f] * gelu_grad(g[f]);
+    }
+}
+static double sum_plain(const float* x, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += x[i];
+    return s;
+}
+static double sqdev_plain(const float* x, size_t n, double mu) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) { double d = x[i] - mu; s += d * d; }
+    return s;
 }
 static void affine_plain(float* out, const float* x, int n, float scale, float shift, int silu) {
     if (silu) for (int i = 0; i < n; i++) { float v = x[i] * scale + shift; out[i] = v / (1.0f + expf(-v)); }
@@ -75,33 +131,113 @@ AVX512 static __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
-AVX512 static float max_avx512(const float* x, int n) {
-    __m512 m = _mm512_set1_ps(-FLT_MAX);
-    int i = 0;
-    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-    if (i < n) m = _mm512_mask_max_ps(m, (__mmask16)((1u << (n - i)) - 1), m, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1), x + i));
-    return _mm512_reduce_max_ps(m);
+AVX512 static __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+AVX512 static void col_softmax_avx512(float* s, int Tk, int cols, int i0, int causal, float* m, float* sum) {
+    __m512 mx[ATT_B / 16], acc[ATT_B / 16];
+    for (int g = 0; g < ATT_B / 16; g++) { mx[g] = _mm512_set1_ps(-FLT_MAX); acc[g] = _mm512_setzero_ps(); }
+    for (int j = 0; j < Tk; j++)         // key j is valid for columns c >= j − i0 (causal)
+        for (int g = 0; g < ATT_B / 16; g++) {
+            __mmask16 k = lanes(cols - 16 * g) & (causal ? (__mmask16)~lanes(j - i0 - 16 * g) : (__mmask16)0xFFFF);
+            mx[g] = _mm512_mask_max_ps(mx[g], k, mx[g], _mm512_maskz_loadu_ps(k, s + (size_t)j * ATT_B + 16 * g));
+        }
+    for (int j = 0; j < Tk; j++)
+        for (int g = 0; g < ATT_B / 16; g++) {
+            __mmask16 k = lanes(cols - 16 * g) & (causal ? (__mmask16)~lanes(j - i0 - 16 * g) : (__mmask16)0xFFFF);
+            float* row = s + (size_t)j * ATT_B + 16 * g;
+            __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row), mx[g])));
+            _mm512_storeu_ps(row, e);
+            acc[g] = _mm512_add_ps(acc[g], e);
+        }
+    for (int g = 0; g < ATT_B / 16; g++) {
+        _mm512_mask_storeu_ps(m + 16 * g, lanes(cols - 16 * g), mx[g]);
+        _mm512_mask_storeu_ps(sum + 16 * g, lanes(cols - 16 * g), acc[g]);
+    }
 }
-AVX512 static float exp_sum_avx512(float* x, int n, float shift) {
-    __m512 acc = _mm512_setzero_ps(), sh = _mm512_set1_ps(shift);
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
-        _mm512_storeu_ps(x + i, e);
-        acc = _mm512_add_ps(acc, e);
+AVX512 static void dsoftmax_avx512(float* s, float* dp, int rows, int cols, const float* lse, const float* D, int by_row,
+                                   int causal, int off) {
+    __m512 vl[ATT_B / 16], vd[ATT_B / 16];
+    for (int g = 0; g < ATT_B / 16; g++) {    // columns are queries: their lse and D
+        vl[g] = by_row ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes(cols - 16 * g), lse + 16 * g);
+        vd[g] = by_row ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes(cols - 16 * g), D + 16 * g);
     }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh));
-        _mm512_mask_storeu_ps(x + i, k, e);
-        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    for (int r = 0; r < rows; r++) {
+        if (by_row) vl[0] = vl[1] = _mm512_set1_ps(lse[r]), vd[0] = vd[1] = _mm512_set1_ps(D[r]);
+        for (int g = 0; g < ATT_B / 16; g++) {
+            __mmask16 k = lanes(cols - 16 * g);            // key ≤ query: by_row c ≤ r − off, else c ≥ r − off
+            if (causal) k &= by_row ? lanes(r - off + 1 - 16 * g) : (__mmask16)~lanes(r - off - 16 * g);
+            float* sr = s + (size_t)r * ATT_B + 16 * g;
+            float* dr = dp + (size_t)r * ATT_B + 16 * g;
+            __m512 p = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr), vl[g])));
+            _mm512_storeu_ps(sr, p);
+            _mm512_storeu_ps(dr, _mm512_maskz_mul_ps(lanes(cols - 16 * g), p, _mm512_sub_ps(_mm512_loadu_ps(dr), vd[g])));
+        }
     }
-    return _mm512_reduce_add_ps(acc);
+}
+// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, as PyTorch's vectorised CPU GELU computes it):
+// erf(x) = sign(x)·(1 − t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−x²)), t = 1/(1 + p·|x|).
+AVX512 static __m512 erf512(__m512 x) {
+    __m512 ax = _mm512_abs_ps(x), one = _mm512_set1_ps(1.0f);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    r = _mm512_mul_ps(r, t);
+    __m512 y = _mm512_fnmadd_ps(r, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), ax), ax)), one);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), _mm512_and_si512(_mm512_castps_si512(x),
+                                                                                         _mm512_set1_epi32((int)0x80000000))));
+}
+AVX512 static void geglu_avx512(float* out, const float* v, const float* g, int F) {
+    for (int f = 0; f < F; f += 16) {
+        __mmask16 k = lanes(F - f);
+        __m512 x = _mm512_maskz_loadu_ps(k, g + f);
+        __m512 phi = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                   erf512(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+        _mm512_mask_storeu_ps(out + f, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + f), _mm512_mul_ps(x, phi)));
+    }
+}
+AVX512 static void geglu_back_avx512(float* dv, float* dg, const float* d, const float* v, const float* g, int F) {
+    for (int f = 0; f < F; f += 16) {
+        __mmask16 k = lanes(F - f);
+        __m512 x = _mm512_maskz_loadu_ps(k, g + f), dd = _mm512_maskz_loadu_ps(k, d + f);
+        __m512 phi = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                   erf512(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+        __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f),
+                                   exp512(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(-0.5f), x), x)));
+        __m512 grad = _mm512_fmadd_ps(x, pdf, phi);                       // Φ(x) + x·φ(x)
+        _mm512_mask_storeu_ps(dv + f, k, _mm512_fmadd_ps(dd, _mm512_mul_ps(x, phi), _mm512_maskz_loadu_ps(k, dv + f)));
+        _mm512_mask_storeu_ps(dg + f, k, _mm512_fmadd_ps(_mm512_mul_ps(dd, _mm512_maskz_loadu_ps(k, v + f)), grad,
+                                                         _mm512_maskz_loadu_ps(k, dg + f)));
+    }
+}
+// The double sums in 4 × 8 lanes (summed in a fixed order at the end): x converted 8 at a time.
+AVX512 static double sum_avx512(const float* x, size_t n) {
+    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) acc[u] = _mm512_add_pd(acc[u], _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * u)));
+    double s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+AVX512 static double sqdev_avx512(const float* x, size_t n, double mu) {
+    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    __m512d m = _mm512_set1_pd(mu);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) {
+            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * u)), m);
+            acc[u] = _mm512_fmadd_pd(d, d, acc[u]);
+        }
+    double s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+    for (; i < n; i++) { double d = x[i] - mu; s += d * d; }
+    return s;
 }
 AVX512 static void affine_avx512(float* out, const float* x, int n, float scale, float shift, int silu) {
     __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), one = _mm512_set1_ps(1.0f);
     for (int i = 0; i < n; i += 16) {
-        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __mmask16 k = lanes(n - i);
         __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i), a, b);
         if (silu) v = _mm512_div_ps(v, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
         _mm512_mask_storeu_ps(out + i, k, v);
@@ -109,19 +245,23 @@ AVX512 static void affine_avx512(float* out, const float* x, int n, float scale,
 }
 #endif
 
-static const RowOps* row_ops(void) {
-    static RowOps ops;
-    static int ready;
-    if (!ready) {
-        RowOps o = {max_plain, exp_sum_plain, affine_plain};
+static RowOps row_ops_chosen;
+static pthread_once_t row_ops_once = PTHREAD_ONCE_INIT;
+
+static void row_ops_choose(void) {
+    RowOps o = {col_softmax_plain, dsoftmax_plain, affine_plain, sum_plain, sqdev_plain, geglu_plain, geglu_back_plain};
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && !getenv("INSTASTYLE_NO_AVX512")) o = (RowOps){max_avx512, exp_sum_avx512, affine_avx512};
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && !getenv("INSTASTYLE_NO_AVX512"))
+        o = (RowOps){col_softmax_avx512, dsoftmax_avx512, affine_avx512, sum_avx512, sqdev_avx512, geglu_avx512,
+                     geglu_back_avx512};
 #endif
-        ops = o;
-        ready = 1;
-    }
-    return &ops;
+    row_ops_chosen = o;
+}
+
+static const RowOps* row_ops(void) {
+    pthread_once(&row_ops_once, row_ops_choose);
+    return &row_ops_chosen;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -129,9 +269,9 @@ static const RowOps* row_ops(void) {
 // Frozen weights may be fp16 (the _f16 variants, --weights fp16): sgemm converts them exactly
 // while packing, so an fp16 weight gives the same bits as its fp32 conversion.
 
-static GemmOperand matrix(const float* x, int ld, int trans) { return (GemmOperand){x, NULL, NULL, ld, trans}; }
+static GemmOperand matrix(const float* x, int ld, int trans) { return (GemmOperand){.f32 = x, .ld = ld, .trans = trans}; }
 static GemmOperand weight(const float* w, const uint16_t* w16, int ld, int trans) {
-    return (GemmOperand){w16 ? NULL : w, w16, NULL, ld, trans};
+    return (GemmOperand){.f32 = w16 ? NULL : w, .f16 = w16, .ld = ld, .trans = trans};
 }
 
 static void linear_run(float* out, const float* inp, GemmOperand w, const float* b, int M, int IN, int OUT) {
@@ -166,16 +306,17 @@ void linear_backward_f16(float* dinp, const float* dout, const uint16_t* w, int 
 // the image (GemmIm2col): no column buffer at all. 1×1 stride-1 convs are a plain GEMM. The bias
 // is added by sgemm as each tile is finished.
 
+// inp [N, C, H, W] is read through nearest-neighbour up-sampling by `up` (1: as it is).
 static void conv_run(float* out, const float* inp, GemmOperand w, const float* b, int N, int C, int H, int W,
-                     int OC, int K, int stride, int pad_lo, int pad_hi) {
-    int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
+                     int OC, int K, int stride, int pad_lo, int pad_hi, int up) {
+    int Ho = (H * up + pad_lo + pad_hi - K) / stride + 1, Wo = (W * up + pad_lo + pad_hi - K) / stride + 1;
     size_t HWo = (size_t)Ho * Wo, CKK = (size_t)C * K * K;
     for (int n = 0; n < N; n++) {
         const float* x = inp + (size_t)n * C * H * W;
         float* o = out + (size_t)n * OC * HWo;
-        GemmIm2col im = {x, C, H, W, K, stride, pad_lo, Wo};
-        int plain = K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0;
-        sgemm_op(OC, (int)HWo, (int)CKK, 1.0f, w, plain ? matrix(x, (int)HWo, 0) : (GemmOperand){NULL, NULL, &im, 0, 0},
+        GemmIm2col im = {x, C, H * up, W * up, K, stride, pad_lo, Wo, up};
+        int plain = K == 1 && stride == 1 && pad_lo == 0 && pad_hi == 0 && up == 1;
+        sgemm_op(OC, (int)HWo, (int)CKK, 1.0f, w, plain ? matrix(x, (int)HWo, 0) : (GemmOperand){.im2col = &im},
                  0.0f, b, 1, o, (int)HWo);
     }
 }
@@ -183,11 +324,17 @@ static void conv_run(float* out, const float* inp, GemmOperand w, const float* b
 void conv2d_forward(float* out, const float* inp, const float* w, const float* b, int N, int C,
                     int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
     (void)scratch;
-    conv_run(out, inp, weight(w, NULL, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi);
+    conv_run(out, inp, weight(w, NULL, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, 1);
 }
 void conv2d_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int N, int C,
                         int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi) {
-    conv_run(out, inp, weight(NULL, w, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi);
+    conv_run(out, inp, weight(NULL, w, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, 1);
+}
+// out[N, OC, 2H, 2W] = conv(upsample_nearest_2×(inp[N, C, H, W])), stride 1, padding pad each side:
+// the up-sampled image is never stored (the decoder's 512² up-sampling would take 256 MiB).
+void conv2d_forward_up2(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
+                        int C, int H, int W, int OC, int K, int pad) {
+    conv_run(out, inp, weight(w, w16, C * K * K, 0), b, N, C, H, W, OC, K, 1, pad, pad, 2);
 }
 
 // Backward-data: dinp += wᵀ ⊛ dout (the transposed convolution):
@@ -266,8 +413,8 @@ static void conv_backward_run(float* dinp, const float* dout, const float* w, co
         FlipArgs f = {arena_alloc(scratch, CKK * OC), w, w16, C, OC, K};
         parallel_for_work(C, CKK * OC, flip_rows, &f);
         for (int n = 0; n < N; n++) {
-            GemmIm2col im = {dout + (size_t)n * OC * HWo, OC, Ho, Wo, K, 1, K - 1 - pad_lo, W};
-            sgemm_op(C, H * W, OC * K * K, 1.0f, matrix(f.wf, OC * K * K, 0), (GemmOperand){NULL, NULL, &im, 0, 0},
+            GemmIm2col im = {dout + (size_t)n * OC * HWo, OC, Ho, Wo, K, 1, K - 1 - pad_lo, W, 1};
+            sgemm_op(C, H * W, OC * K * K, 1.0f, matrix(f.wf, OC * K * K, 0), (GemmOperand){.im2col = &im},
                      1.0f, NULL, 0, dinp + (size_t)n * C * H * W, H * W);
         }
         arena_reset(scratch, mark);
@@ -315,10 +462,7 @@ static void groupnorm_groups(void* ctx, int i0, int i1) {
         int n = i / a->G, g = i % a->G;
         size_t off = ((size_t)n * a->C + (size_t)g * cg) * a->HW, cnt = (size_t)cg * a->HW;
         const float* x = a->x + off;
-        double sum = 0, sq = 0;
-        for (size_t j = 0; j < cnt; j++) sum += x[j];
-        double mu = sum / (double)cnt;
-        for (size_t j = 0; j < cnt; j++) { double d = x[j] - mu; sq += d * d; }
+        double mu = row_ops()->sum(x, cnt) / (double)cnt, sq = row_ops()->sqdev(x, cnt, mu);
         float rstd = (float)(1.0 / sqrt(sq / (double)cnt + a->eps)), m = (float)mu;
         if (a->mean) { a->mean[i] = m; a->rstd[i] = rstd; }
         for (int c = 0; c < cg; c++) {
@@ -384,19 +528,30 @@ void groupnorm_backward(float* dx, const float* dout, const float* x, const floa
 // ----------------------------------------------------------------------------------------------
 // layernorm over the last dim: x[M, C]; out = (x − μ)·rstd·w + b; saves mean, rstd [M].
 
-void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
-                       const float* b, int M, int C, float eps) {
-    for (int m = 0; m < M; m++) {
-        const float* xm = x + (size_t)m * C;
+typedef struct LayerNormArgs {
+    float* out; float* mean; float* rstd; const float* x; const float* w; const float* b; int C; float eps;
+} LayerNormArgs;
+
+static void layernorm_rows(void* ctx, int m0, int m1) {    // threads split the rows
+    const LayerNormArgs* a = ctx;
+    int C = a->C;
+    for (int m = m0; m < m1; m++) {
+        const float* xm = a->x + (size_t)m * C;
         double sum = 0, sq = 0;
         for (int c = 0; c < C; c++) sum += xm[c];
         double mu = sum / C;
         for (int c = 0; c < C; c++) { double d = xm[c] - mu; sq += d * d; }
-        float r = (float)(1.0 / sqrt(sq / C + eps)), mf = (float)mu;
-        if (mean) { mean[m] = mf; rstd[m] = r; }
-        float* om = out + (size_t)m * C;
-        for (int c = 0; c < C; c++) om[c] = (xm[c] - mf) * r * w[c] + b[c];
+        float r = (float)(1.0 / sqrt(sq / C + a->eps)), mf = (float)mu;
+        if (a->mean) { a->mean[m] = mf; a->rstd[m] = r; }
+        float* om = a->out + (size_t)m * C;
+        for (int c = 0; c < C; c++) om[c] = (xm[c] - mf) * r * a->w[c] + a->b[c];
     }
+}
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
+                       const float* b, int M, int C, float eps) {
+    LayerNormArgs a = {out, mean, rstd, x, w, b, C, eps};
+    parallel_for_work(M, (size_t)M * C * 8, layernorm_rows, &a);
 }
 
 // Same derivative as groupnorm with one group per row: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),
@@ -454,11 +609,7 @@ void quick_gelu_backward(float* dx, const float* dout, const float* x, size_t n)
     }
 }
 
-// gelu(x) = x·Φ(x) = ½x(1 + erf(x/√2));  d/dx = Φ(x) + x·φ(x)
-static float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
-static float gelu_grad(float x) {
-    return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
-}
+// gelu (gelu() and gelu_grad() are defined with the row kernels above)
 void gelu_forward(float* out, const float* x, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = gelu(x[i]);
 }
@@ -467,77 +618,106 @@ void gelu_backward(float* dx, const float* dout, const float* x, size_t n) {
 }
 
 // geglu (diffusers GEGLU): proj[M, 2F] = (value | gate); out[M, F] = value ⊙ gelu(gate).
-void geglu_forward(float* out, const float* proj, int M, int F) {
-    for (int m = 0; m < M; m++) {
-        const float* v = proj + (size_t)m * 2 * F;
-        for (int f = 0; f < F; f++) out[(size_t)m * F + f] = v[f] * gelu(v[F + f]);
+// dvalue = dout·gelu(gate);  dgate = dout·value·gelu'(gate). Threads split the rows.
+typedef struct GegluArgs { float* out; float* dproj; const float* dout; const float* proj; int F; } GegluArgs;
+
+static void geglu_rows(void* ctx, int m0, int m1) {
+    const GegluArgs* a = ctx;
+    size_t F = (size_t)a->F;
+    for (int m = m0; m < m1; m++) {
+        const float* v = a->proj + (size_t)m * 2 * F;
+        if (a->out) row_ops()->geglu(a->out + m * F, v, v + F, a->F);
+        else row_ops()->geglu_back(a->dproj + m * 2 * F, a->dproj + m * 2 * F + F, a->dout + m * F, v, v + F, a->F);
     }
 }
-// dvalue = dout·gelu(gate);  dgate = dout·value·gelu'(gate)
+void geglu_forward(float* out, const float* proj, int M, int F) {
+    GegluArgs a = {out, NULL, NULL, proj, F};
+    parallel_for_work(M, (size_t)M * F * 32, geglu_rows, &a);
+}
 void geglu_backward(float* dproj, const float* dout, const float* proj, int M, int F) {
-    for (int m = 0; m < M; m++) {
-        const float* v = proj + (size_t)m * 2 * F;
-        float* dv = dproj + (size_t)m * 2 * F;
-        for (int f = 0; f < F; f++) {
-            float d = dout[(size_t)m * F + f];
-            dv[f] += d * gelu(v[F + f]);
-            dv[F + f] += d * v[f] * gelu_grad(v[F + f]);
-        }
-    }
+    GegluArgs a = {NULL, dproj, dout, proj, F};
+    parallel_for_work(M, (size_t)M * F * 64, geglu_rows, &a);
 }
 
 // ----------------------------------------------------------------------------------------------
 // attention: heads indexed in place in (N, T, NH·HD) rows of stride ldq/ldk/ldv/ldo.
 // out[n, i, h] = Σ_j softmax_j(scale · q_i·k_j) v_j, causal: only j ≤ i.
-// Flash-style on the CPU: blocks of ATT_BQ queries; for each, S = q·kᵀ [BQ, Tk] (one GEMM),
-// row softmax in place, O = P·v (one GEMM). Saves lse[N, NH, Tq] = log Σ_j exp(s_ij) when non-NULL.
-// Memory: one [BQ, Tk] block per thread, never a (Tq, Tk) matrix.
+// Flash-style on the CPU, arranged so that nothing is re-packed per block: each head's K and Vᵀ
+// are packed once into GEMM panels (sgemm_pack) and serve all its blocks of ATT_B queries:
+//   Sᵀ = scale · K·Q_blkᵀ [Tk, ATT_B]               (one GEMM, K packed)
+//   P = exp(Sᵀ − max_j) in place: the softmax runs down the columns, vectorised across queries
+//   Oᵀ = Vᵀ·P [HD, ATT_B], o_i = Oᵀ[:, i] / Σ_j P_ji (one GEMM; Vᵀ packed, and P, a [Tk, ATT_B]
+//                                                     block, is already one B panel of it)
+// Saves lse[N, NH, Tq] = log Σ_j exp(s_ij) when non-NULL. Memory per thread: one head's panels and
+// one [T, ATT_B] block, never a (Tq, Tk) matrix.
 
-#define ATT_BQ 64
+// A [rows, ATT_B] block as sgemm's B operand: used in place when it is one panel of the product
+// [M, ATT_B] (the usual case), else packed as a matrix.
+static GemmOperand block_operand(GemmPacked* view, const float* blk, int rows, int n, int M) {
+    if (sgemm_panel_width(M, ATT_B, 1) != ATT_B) return matrix(blk, ATT_B, 0);
+    *view = (GemmPacked){blk, n, rows, ATT_B};
+    return (GemmOperand){.packed = view};
+}
+
+// Per-thread state of the attention tasks: the panels of the head last packed, and the block buffers.
+typedef struct AttnThread {
+    float* mem;
+    GemmPacked p[4];
+    int head;
+} AttnThread;
+
+static size_t round64(size_t nfloats) { return (nfloats + 15) / 16 * 16; }   // keeps 64-byte alignment
+
+// Packs X (an A operand of an M×ATT_B×K product) into the thread's memory at *off.
+static void pack_head(AttnThread* t, int slot, size_t* off, GemmOperand X, int M, int K) {
+    sgemm_pack(&t->p[slot], t->mem + *off, X, M, ATT_B, K, 0);
+    *off += round64(sgemm_pack_floats(M, ATT_B, K, 0));
+}
 
 typedef struct AttnArgs {
     float* out; float* lse;
     const float* q; const float* k; const float* v;
     int N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal;
     float scale;
-    float* bufs;          // [workers][ATT_BQ · Tk]
-    int tasks, workers;   // tasks = N·NH·ceil(Tq/BQ)
+    float* bufs;          // [workers][per_worker]: K, Vᵀ panels, Sᵀ [Tk, ATT_B], Oᵀ [HD, ATT_B]
+    size_t per_worker;
+    int tasks, workers;   // tasks = N·NH·ceil(Tq/ATT_B)
 } AttnArgs;
 
-static void attention_task(const AttnArgs* a, int task, float* S) {
-    int nqb = (a->Tq + ATT_BQ - 1) / ATT_BQ;
-    int n = task / (a->NH * nqb), h = (task / nqb) % a->NH, i0 = (task % nqb) * ATT_BQ;
-    int bq = a->Tq - i0 < ATT_BQ ? a->Tq - i0 : ATT_BQ;
-    const float* q = a->q + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * a->HD;
-    const float* k = a->k + (size_t)n * a->Tk * a->ldk + (size_t)h * a->HD;
-    const float* v = a->v + (size_t)n * a->Tk * a->ldv + (size_t)h * a->HD;
-    float* o = a->out + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * a->HD;
-    sgemm(0, 1, bq, a->Tk, a->HD, a->scale, q, a->ldq, k, a->ldk, 0.0f, S, a->Tk);
-    // P = exp(S − rowmax) unnormalised; O = P·v, then each row of O is divided by Σ_j P_ij
-    // (HD divisions per row instead of Tk).
-    const RowOps* ops = row_ops();
-    float inv[ATT_BQ];
-    for (int r = 0; r < bq; r++) {
-        float* s = S + (size_t)r * a->Tk;
-        int valid = a->causal ? i0 + r + 1 : a->Tk;
-        if (valid > a->Tk) valid = a->Tk;
-        float mx = ops->max(s, valid);
-        float sum = ops->exp_sum(s, valid, mx);
-        if (valid < a->Tk) memset(s + valid, 0, (size_t)(a->Tk - valid) * sizeof(float));
-        inv[r] = 1.0f / sum;
-        if (a->lse) a->lse[((size_t)n * a->NH + h) * a->Tq + i0 + r] = mx + logf(sum);
+static void attention_task(const AttnArgs* a, int task, AttnThread* t) {
+    int nqb = (a->Tq + ATT_B - 1) / ATT_B, HD = a->HD, Tk = a->Tk;
+    int n = task / (a->NH * nqb), h = (task / nqb) % a->NH, i0 = (task % nqb) * ATT_B;
+    int bq = a->Tq - i0 < ATT_B ? a->Tq - i0 : ATT_B;
+    size_t off = 0;
+    if (t->head != n * a->NH + h) {
+        t->head = n * a->NH + h;
+        pack_head(t, 0, &off, (GemmOperand){.f32 = a->k + (size_t)n * Tk * a->ldk + (size_t)h * HD, .ld = a->ldk}, Tk, HD);
+        pack_head(t, 1, &off, (GemmOperand){.f32 = a->v + (size_t)n * Tk * a->ldv + (size_t)h * HD, .ld = a->ldv, .trans = 1},
+                  HD, Tk);
     }
-    sgemm(0, 0, bq, a->HD, a->Tk, 1.0f, S, a->Tk, v, a->ldv, 0.0f, o, a->ldo);
-    for (int r = 0; r < bq; r++)
-        for (int d = 0; d < a->HD; d++) o[(size_t)r * a->ldo + d] *= inv[r];
+    float* St = t->mem + round64(sgemm_pack_floats(Tk, ATT_B, HD, 0)) + round64(sgemm_pack_floats(HD, ATT_B, Tk, 0));
+    float* Ot = St + round64((size_t)Tk * ATT_B);
+    const float* q = a->q + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * HD;
+    sgemm_op(Tk, bq, HD, a->scale, (GemmOperand){.packed = &t->p[0]}, matrix(q, a->ldq, 1), 0.0f, NULL, 0, St, ATT_B);
+    float m[ATT_B], sum[ATT_B];
+    row_ops()->col_softmax(St, Tk, bq, i0, a->causal, m, sum);
+    GemmPacked view;
+    sgemm_op(HD, bq, Tk, 1.0f, (GemmOperand){.packed = &t->p[1]}, block_operand(&view, St, Tk, bq, HD), 0.0f, NULL, 0,
+             Ot, ATT_B);
+    float* o = a->out + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * HD;
+    for (int r = 0; r < bq; r++) {
+        float inv = 1.0f / sum[r];
+        for (int d = 0; d < HD; d++) o[(size_t)r * a->ldo + d] = Ot[(size_t)d * ATT_B + r] * inv;
+        if (a->lse) a->lse[((size_t)n * a->NH + h) * a->Tq + i0 + r] = m[r] + logf(sum[r]);
+    }
 }
 
 static void attention_worker(void* ctx, int w0, int w1) {
     const AttnArgs* a = ctx;
     for (int w = w0; w < w1; w++) {
-        float* S = a->bufs + (size_t)w * ATT_BQ * a->Tk;
+        AttnThread t = {a->bufs + (size_t)w * a->per_worker, {{0}}, -1};
         int per = (a->tasks + a->workers - 1) / a->workers;
-        for (int t = w * per; t < (w + 1) * per && t < a->tasks; t++) attention_task(a, t, S);
+        for (int k = w * per; k < (w + 1) * per && k < a->tasks; k++) attention_task(a, k, &t);
     }
 }
 
@@ -545,11 +725,13 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
                        int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
                        int causal, Arena* scratch) {
     AttnArgs a = {out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal,
-                  1.0f / sqrtf((float)HD), NULL, 0, 0};
-    a.tasks = N * NH * ((Tq + ATT_BQ - 1) / ATT_BQ);
+                  1.0f / sqrtf((float)HD), NULL, 0, 0, 0};
+    a.tasks = N * NH * ((Tq + ATT_B - 1) / ATT_B);
     a.workers = threads_count() < a.tasks ? threads_count() : a.tasks;
+    a.per_worker = round64(sgemm_pack_floats(Tk, ATT_B, HD, 0)) + round64(sgemm_pack_floats(HD, ATT_B, Tk, 0)) +
+                   round64((size_t)Tk * ATT_B) + round64((size_t)HD * ATT_B);
     size_t mark = arena_mark(scratch);
-    a.bufs = arena_alloc(scratch, (size_t)a.workers * ATT_BQ * Tk);
+    a.bufs = arena_alloc(scratch, (size_t)a.workers * a.per_worker);
     parallel_for(a.workers, attention_worker, &a);
     arena_reset(scratch, mark);
 }
@@ -557,10 +739,13 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 // Backward, flash-attention style: nothing of size (Tq, Tk) is kept; P is recomputed block by
 // block from the saved lse. Forward: s_ij = scale·q_i·k_j, p_ij = exp(s_ij − lse_i), o_i = Σ_j p_ij v_j.
 // With D_i = Σ_d do_i·o_i, dp_ij = do_i·v_j and ds_ij = p_ij·(dp_ij − D_i):
-//   dq_i += scale·Σ_j ds_ij k_j     (pass 1: threads own blocks of queries)
-//   dv_j += Σ_i p_ij do_i,  dk_j += scale·Σ_i ds_ij q_i   (pass 2: threads own blocks of keys)
-// Every output element is summed in one task in a fixed order: bitwise equal for any thread count.
-// dq, dk, dv (strides ldq, ldk, ldv) may be NULL; dout and out have stride ldo.
+//   pass 1, threads own blocks of queries (K, V, Kᵀ of the head packed once):
+//     Sᵀ = scale·K·Q_blkᵀ, dPᵀ = V·dO_blkᵀ [Tk, ATT_B]; dSᵀ;  dq_blkᵀ += scale·Kᵀ·dSᵀ [HD, ATT_B]
+//   pass 2, threads own blocks of keys (Q, dO, Qᵀ, dOᵀ packed once):
+//     S = scale·Q·K_blkᵀ, dP = dO·V_blkᵀ [Tq, ATT_B]; P, dS;  dv_blkᵀ += dOᵀ·P,  dk_blkᵀ += scale·Qᵀ·dS
+// (each block is one B panel: no re-packing). Every output element is summed in one task in a
+// fixed order: bitwise equal for any thread count. dq, dk, dv (strides ldq, ldk, ldv) may be NULL;
+// dout and out have stride ldo.
 
 typedef struct AttnBack {
     float* dq; float* dk; float* dv;
@@ -568,66 +753,103 @@ typedef struct AttnBack {
     int N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal;
     float scale;
     float* D;             // [N, NH, Tq]
-    float* bufs;          // [workers][2 · ATT_BQ · max(Tq, Tk)]
+    float* bufs;          // [workers][per_worker]
+    size_t per_worker;
     int tasks, workers, pass;
 } AttnBack;
 
-// Pass 1, one block of queries i0..i0+bq−1 of head h: S, dP [bq, Tk] → dq.
-static void attention_back_queries(const AttnBack* a, int n, int h, int i0, int bq, float* S, float* dP) {
-    const float* q = a->q + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * a->HD;
-    const float* k = a->k + (size_t)n * a->Tk * a->ldk + (size_t)h * a->HD;
-    const float* v = a->v + (size_t)n * a->Tk * a->ldv + (size_t)h * a->HD;
-    const float* dout = a->dout + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * a->HD;
-    const float* lse = a->lse + ((size_t)n * a->NH + h) * a->Tq + i0;
-    const float* D = a->D + ((size_t)n * a->NH + h) * a->Tq + i0;
-    sgemm(0, 1, bq, a->Tk, a->HD, a->scale, q, a->ldq, k, a->ldk, 0.0f, S, a->Tk);
-    sgemm(0, 1, bq, a->Tk, a->HD, 1.0f, dout, a->ldo, v, a->ldv, 0.0f, dP, a->Tk);
-    for (int r = 0; r < bq; r++)
-        for (int j = 0; j < a->Tk; j++) {
-            size_t e = (size_t)r * a->Tk + j;
-            float p = a->causal && j > i0 + r ? 0.0f : expf(S[e] - lse[r]);
-            S[e] = p * (dP[e] - D[r]);
-        }
-    float* dq = a->dq + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * a->HD;
-    sgemm(0, 0, bq, a->HD, a->Tk, a->scale, S, a->Tk, k, a->ldk, 1.0f, dq, a->ldq);
+// xᵀ-add: x[j, d] (row stride ld) += t[d, j] (row stride ATT_B) for j < nb, d < HD.
+static void add_transposed(float* x, int ld, const float* t, int nb, int HD) {
+    for (int j = 0; j < nb; j++)
+        for (int d = 0; d < HD; d++) x[(size_t)j * ld + d] += t[(size_t)d * ATT_B + j];
 }
 
-// Pass 2, one block of keys j0..j0+bk−1 of head h: Sᵀ, dPᵀ [bk, Tq] → dk, dv.
-static void attention_back_keys(const AttnBack* a, int n, int h, int j0, int bk, float* St, float* dPt) {
-    const float* q = a->q + (size_t)n * a->Tq * a->ldq + (size_t)h * a->HD;
-    const float* k = a->k + ((size_t)n * a->Tk + j0) * a->ldk + (size_t)h * a->HD;
-    const float* v = a->v + ((size_t)n * a->Tk + j0) * a->ldv + (size_t)h * a->HD;
-    const float* dout = a->dout + (size_t)n * a->Tq * a->ldo + (size_t)h * a->HD;
-    const float* lse = a->lse + ((size_t)n * a->NH + h) * a->Tq;
-    const float* D = a->D + ((size_t)n * a->NH + h) * a->Tq;
-    sgemm(0, 1, bk, a->Tq, a->HD, a->scale, k, a->ldk, q, a->ldq, 0.0f, St, a->Tq);
-    sgemm(0, 1, bk, a->Tq, a->HD, 1.0f, v, a->ldv, dout, a->ldo, 0.0f, dPt, a->Tq);
-    for (int r = 0; r < bk; r++)
-        for (int i = 0; i < a->Tq; i++) {
-            size_t e = (size_t)r * a->Tq + i;
-            float p = a->causal && j0 + r > i ? 0.0f : expf(St[e] - lse[i]);
-            St[e] = p;                        // Pᵀ
-            dPt[e] = p * (dPt[e] - D[i]);     // dSᵀ
-        }
-    if (a->dv) sgemm(0, 0, bk, a->HD, a->Tq, 1.0f, St, a->Tq, dout, a->ldo, 1.0f,
-                     a->dv + ((size_t)n * a->Tk + j0) * a->ldv + (size_t)h * a->HD, a->ldv);
-    if (a->dk) sgemm(0, 0, bk, a->HD, a->Tq, a->scale, dPt, a->Tq, q, a->ldq, 1.0f,
-                     a->dk + ((size_t)n * a->Tk + j0) * a->ldk + (size_t)h * a->HD, a->ldk);
+// Pass 1, one block of queries i0..i0+bq−1 of head (n, h): Sᵀ, dPᵀ [Tk, ATT_B] → dq.
+static void attention_back_queries(const AttnBack* a, int n, int h, int i0, int bq, AttnThread* t) {
+    int HD = a->HD, Tk = a->Tk;
+    const float* k = a->k + (size_t)n * Tk * a->ldk + (size_t)h * HD;
+    size_t off = 0;
+    if (t->head != n * a->NH + h) {
+        t->head = n * a->NH + h;
+        pack_head(t, 0, &off, (GemmOperand){.f32 = k, .ld = a->ldk}, Tk, HD);
+        pack_head(t, 1, &off, (GemmOperand){.f32 = a->v + (size_t)n * Tk * a->ldv + (size_t)h * HD, .ld = a->ldv}, Tk, HD);
+        pack_head(t, 2, &off, (GemmOperand){.f32 = k, .ld = a->ldk, .trans = 1}, HD, Tk);
+    }
+    float* St = t->mem + 2 * round64(sgemm_pack_floats(Tk, ATT_B, HD, 0)) + round64(sgemm_pack_floats(HD, ATT_B, Tk, 0));
+    float* dPt = St + round64((size_t)Tk * ATT_B);
+    float* dqt = dPt + round64((size_t)Tk * ATT_B);
+    const float* q = a->q + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * HD;
+    const float* dout = a->dout + ((size_t)n * a->Tq + i0) * a->ldo + (size_t)h * HD;
+    size_t row = ((size_t)n * a->NH + h) * a->Tq + i0;
+    sgemm_op(Tk, bq, HD, a->scale, (GemmOperand){.packed = &t->p[0]}, matrix(q, a->ldq, 1), 0.0f, NULL, 0, St, ATT_B);
+    sgemm_op(Tk, bq, HD, 1.0f, (GemmOperand){.packed = &t->p[1]}, matrix(dout, a->ldo, 1), 0.0f, NULL, 0, dPt, ATT_B);
+    row_ops()->dsoftmax(St, dPt, Tk, bq, a->lse + row, a->D + row, 0, a->causal, i0);
+    GemmPacked view;
+    sgemm_op(HD, bq, Tk, a->scale, (GemmOperand){.packed = &t->p[2]}, block_operand(&view, dPt, Tk, bq, HD), 0.0f, NULL, 0,
+             dqt, ATT_B);
+    add_transposed(a->dq + ((size_t)n * a->Tq + i0) * a->ldq + (size_t)h * HD, a->ldq, dqt, bq, HD);
+}
+
+// Pass 2, one block of keys j0..j0+bk−1 of head (n, h): S, dP [Tq, ATT_B] → dk, dv.
+static void attention_back_keys(const AttnBack* a, int n, int h, int j0, int bk, AttnThread* t) {
+    int HD = a->HD, Tq = a->Tq;
+    const float* q = a->q + (size_t)n * Tq * a->ldq + (size_t)h * HD;
+    const float* dout = a->dout + (size_t)n * Tq * a->ldo + (size_t)h * HD;
+    size_t off = 0;
+    if (t->head != n * a->NH + h) {
+        t->head = n * a->NH + h;
+        pack_head(t, 0, &off, (GemmOperand){.f32 = q, .ld = a->ldq}, Tq, HD);
+        pack_head(t, 1, &off, (GemmOperand){.f32 = dout, .ld = a->ldo}, Tq, HD);
+        pack_head(t, 2, &off, (GemmOperand){.f32 = q, .ld = a->ldq, .trans = 1}, HD, Tq);
+        pack_head(t, 3, &off, (GemmOperand){.f32 = dout, .ld = a->ldo, .trans = 1}, HD, Tq);
+    }
+    float* S = t->mem + 2 * round64(sgemm_pack_floats(Tq, ATT_B, HD, 0)) + 2 * round64(sgemm_pack_floats(HD, ATT_B, Tq, 0));
+    float* dP = S + round64((size_t)Tq * ATT_B);
+    float* dt = dP + round64((size_t)Tq * ATT_B);
+    const float* k = a->k + ((size_t)n * a->Tk + j0) * a->ldk + (size_t)h * HD;
+    const float* v = a->v + ((size_t)n * a->Tk + j0) * a->ldv + (size_t)h * HD;
+    size_t row = ((size_t)n * a->NH + h) * Tq;
+    sgemm_op(Tq, bk, HD, a->scale, (GemmOperand){.packed = &t->p[0]}, matrix(k, a->ldk, 1), 0.0f, NULL, 0, S, ATT_B);
+    sgemm_op(Tq, bk, HD, 1.0f, (GemmOperand){.packed = &t->p[1]}, matrix(v, a->ldv, 1), 0.0f, NULL, 0, dP, ATT_B);
+    row_ops()->dsoftmax(S, dP, Tq, bk, a->lse + row, a->D + row, 1, a->causal, j0);
+    GemmPacked view;
+    if (a->dv) {
+        sgemm_op(HD, bk, Tq, 1.0f, (GemmOperand){.packed = &t->p[3]}, block_operand(&view, S, Tq, bk, HD), 0.0f, NULL, 0,
+                 dt, ATT_B);
+        add_transposed(a->dv + ((size_t)n * a->Tk + j0) * a->ldv + (size_t)h * HD, a->ldv, dt, bk, HD);
+    }
+    if (a->dk) {
+        sgemm_op(HD, bk, Tq, a->scale, (GemmOperand){.packed = &t->p[2]}, block_operand(&view, dP, Tq, bk, HD), 0.0f, NULL,
+                 0, dt, ATT_B);
+        add_transposed(a->dk + ((size_t)n * a->Tk + j0) * a->ldk + (size_t)h * HD, a->ldk, dt, bk, HD);
+    }
 }
 
 static void attention_back_worker(void* ctx, int w0, int w1) {
     const AttnBack* a = ctx;
-    int T = a->pass == 1 ? a->Tq : a->Tk, nb = (T + ATT_BQ - 1) / ATT_BQ;
-    size_t len = (size_t)ATT_BQ * (a->Tq > a->Tk ? a->Tq : a->Tk);
+    int T = a->pass == 1 ? a->Tq : a->Tk, nb = (T + ATT_B - 1) / ATT_B;
     for (int w = w0; w < w1; w++) {
-        float* b0 = a->bufs + (size_t)w * 2 * len;
+        AttnThread t = {a->bufs + (size_t)w * a->per_worker, {{0}}, -1};
         int per = (a->tasks + a->workers - 1) / a->workers;
-        for (int t = w * per; t < (w + 1) * per && t < a->tasks; t++) {
-            int n = t / (a->NH * nb), h = (t / nb) % a->NH, x0 = (t % nb) * ATT_BQ;
-            int bx = T - x0 < ATT_BQ ? T - x0 : ATT_BQ;
-            if (a->pass == 1) attention_back_queries(a, n, h, x0, bx, b0, b0 + len);
-            else attention_back_keys(a, n, h, x0, bx, b0, b0 + len);
+        for (int k = w * per; k < (w + 1) * per && k < a->tasks; k++) {
+            int n = k / (a->NH * nb), h = (k / nb) % a->NH, x0 = (k % nb) * ATT_B;
+            int bx = T - x0 < ATT_B ? T - x0 : ATT_B;
+            if (a->pass == 1) attention_back_queries(a, n, h, x0, bx, &t);
+            else attention_back_keys(a, n, h, x0, bx, &t);
         }
+    }
+}
+
+// D_i = Σ_d do_i·o_i for the rows (n, h, i) in [r0, r1) of [N·NH·Tq].
+static void attention_back_rows(void* ctx, int r0, int r1) {
+    const AttnBack* a = ctx;
+    for (int r = r0; r < r1; r++) {
+        int n = r / (a->NH * a->Tq), h = r / a->Tq % a->NH, i = r % a->Tq;
+        const float* o = a->out + ((size_t)n * a->Tq + i) * a->ldo + (size_t)h * a->HD;
+        const float* g = a->dout + ((size_t)n * a->Tq + i) * a->ldo + (size_t)h * a->HD;
+        float d = 0.0f;
+        for (int e = 0; e < a->HD; e++) d += g[e] * o[e];
+        a->D[r] = d;
     }
 }
 
@@ -635,24 +857,20 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
                         int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch) {
     AttnBack a = {dq, dk, dv, dout, out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal,
-                  1.0f / sqrtf((float)HD), NULL, NULL, 0, 0, 0};
+                  1.0f / sqrtf((float)HD), NULL, NULL, 0, 0, 0, 0};
     size_t mark = arena_mark(scratch);
     a.D = arena_alloc(scratch, (size_t)N * NH * Tq);
-    for (int n = 0; n < N; n++)
-        for (int h = 0; h < NH; h++)
-            for (int i = 0; i < Tq; i++) {
-                const float* o = out + ((size_t)n * Tq + i) * ldo + (size_t)h * HD;
-                const float* g = dout + ((size_t)n * Tq + i) * ldo + (size_t)h * HD;
-                float d = 0.0f;
-                for (int e = 0; e < HD; e++) d += g[e] * o[e];
-                a.D[((size_t)n * NH + h) * Tq + i] = d;
-            }
+    parallel_for_work(N * NH * Tq, (size_t)N * NH * Tq * HD * 2, attention_back_rows, &a);
+    size_t pass1 = 2 * round64(sgemm_pack_floats(Tk, ATT_B, HD, 0)) + round64(sgemm_pack_floats(HD, ATT_B, Tk, 0)) +
+                   2 * round64((size_t)Tk * ATT_B) + round64((size_t)HD * ATT_B);
+    size_t pass2 = 2 * round64(sgemm_pack_floats(Tq, ATT_B, HD, 0)) + 2 * round64(sgemm_pack_floats(HD, ATT_B, Tq, 0)) +
+                   2 * round64((size_t)Tq * ATT_B) + round64((size_t)HD * ATT_B);
+    a.per_worker = pass1 > pass2 ? pass1 : pass2;
     int most = threads_count();
-    size_t len = (size_t)ATT_BQ * (Tq > Tk ? Tq : Tk);
-    a.bufs = arena_alloc(scratch, (size_t)most * 2 * len);
+    a.bufs = arena_alloc(scratch, (size_t)most * a.per_worker);
     for (a.pass = 1; a.pass <= 2; a.pass++) {
         if (a.pass == 1 ? !dq : !dk && !dv) continue;
-        a.tasks = N * NH * (((a.pass == 1 ? Tq : Tk) + ATT_BQ - 1) / ATT_BQ);
+        a.tasks = N * NH * (((a.pass == 1 ? Tq : Tk) + ATT_B - 1) / ATT_B);
         a.workers = most < a.tasks ? most : a.tasks;
         parallel_for_work(a.workers, (size_t)N * NH * Tq * Tk * HD * 8, attention_back_worker, &a);
     }
@@ -692,20 +910,49 @@ void upsample_nearest_backward(float* dx, const float* dout, int N, int C, int H
         }
 }
 
-// [N, C, HW] ↔ [N, HW, C]
+// [N, C, HW] ↔ [N, HW, C], in 16×16 tiles (both sides touch whole cache lines); threads split
+// the tiles' rows of pixels.
+#define TILE 16
+typedef struct TransposeArgs { float* out; const float* x; int N, C, HW, to_nhwc; } TransposeArgs;
+
+static void transpose_tiles(void* ctx, int t0, int t1) {
+    const TransposeArgs* a = ctx;
+    int np = (a->HW + TILE - 1) / TILE;
+    for (int t = t0; t < t1; t++) {             // t = (n, pixel tile)
+        int n = t / np, p0 = t % np * TILE, p1 = p0 + TILE < a->HW ? p0 + TILE : a->HW;
+        const float* x = a->x + (size_t)n * a->C * a->HW;
+        float* o = a->out + (size_t)n * a->C * a->HW;
+        for (int c0 = 0; c0 < a->C; c0 += TILE) {
+            int c1 = c0 + TILE < a->C ? c0 + TILE : a->C;
+            if (a->to_nhwc)
+                for (int p = p0; p < p1; p++)
+                    for (int c = c0; c < c1; c++) o[(size_t)p * a->C + c] = x[(size_t)c * a->HW + p];
+            else
+                for (int c = c0; c < c1; c++)
+                    for (int p = p0; p < p1; p++) o[(size_t)c * a->HW + p] = x[(size_t)p * a->C + c];
+        }
+    }
+}
 void nchw_to_nhwc(float* out, const float* x, int N, int C, int HW) {
-    for (int n = 0; n < N; n++)
-        for (int c = 0; c < C; c++)
-            for (int p = 0; p < HW; p++) out[((size_t)n * HW + p) * C + c] = x[((size_t)n * C + c) * HW + p];
+    TransposeArgs a = {out, x, N, C, HW, 1};
+    parallel_for_work(N * ((HW + TILE - 1) / TILE), (size_t)N * C * HW, transpose_tiles, &a);
 }
 void nhwc_to_nchw(float* out, const float* x, int N, int C, int HW) {
-    for (int n = 0; n < N; n++)
-        for (int c = 0; c < C; c++)
-            for (int p = 0; p < HW; p++) out[((size_t)n * C + c) * HW + p] = x[((size_t)n * HW + p) * C + c];
+    TransposeArgs a = {out, x, N, C, HW, 0};
+    parallel_for_work(N * ((HW + TILE - 1) / TILE), (size_t)N * C * HW, transpose_tiles, &a);
 }
 
+// y += x, threads split chunks of ADD_CHUNK elements.
+#define ADD_CHUNK 16384
+typedef struct AddArgs { float* y; const float* x; size_t n; } AddArgs;
+static void add_chunks(void* ctx, int i0, int i1) {
+    const AddArgs* a = ctx;
+    size_t end = (size_t)i1 * ADD_CHUNK < a->n ? (size_t)i1 * ADD_CHUNK : a->n;
+    for (size_t i = (size_t)i0 * ADD_CHUNK; i < end; i++) a->y[i] += a->x[i];
+}
 void add_inplace(float* y, const float* x, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] += x[i];
+    AddArgs a = {y, x, n};
+    parallel_for_work((int)((n + ADD_CHUNK - 1) / ADD_CHUNK), n, add_chunks, &a);
 }
 
 // Sinusoidal timestep embedding (diffusers Timesteps, flip_sin_to_cos, downscale_freq_shift s):

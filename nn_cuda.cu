@@ -1,23 +1,21 @@
-// nn_cuda.cu: the optional GPU path (make CUDA=1). sgemm, conv2d forward and backward-data,
-// attention forward and backward, group norm and layer norm, on one NVIDIA GPU.
+// nn_cuda.cu: the optional GPU path (make CUDA=1). sgemm, linear, conv2d forward (also through 2×
+// up-sampling) and backward-data, attention forward and backward, group and layer norm, on one GPU.
 //
 // Each <op>_cuda has exactly the parameters of its CPU twin (gemm.c, nn.c): host pointers in,
 // host pointers out, same layouts, same BLAS/accumulate semantics. The CPU function calls it in
 // its first line when g_device == DEVICE_CUDA. No model code lives here; no cuBLAS, no cuDNN, no
 // managed memory (plain cudaMalloc).
 //
-// Memory. Frozen weights are declared with cuda_weights_frozen (the loader, for every tensor it
-// hands out), uploaded on first use and cached by host pointer in an open-addressing table (the
-// registered size bounds what a lookup may use); cuda_weights_release (sd_free) drops them all.
-// Every other operand (activations, LoRA factors, trainable K/V weights) is copied in and out on
-// every call through a few grow-only device buffers: the simple first step, PCIe-bound. Keeping
-// activations resident would give each Arena a device twin (arena_alloc handing out device
-// addresses while g_device == DEVICE_CUDA) and skip the copy for any pointer that
-// cudaPointerGetAttributes reports as device memory, so that only x, t and the context go in and
-// eps comes out of a UNet call. The CPU loops between the hot ops (silu, geglu, add_inplace,
-// upsample, the layout transposes, bias and LoRA adds) would need GPU twins first.
+// Memory. Frozen weights are declared with cuda_weights_frozen (by the loader), uploaded on first
+// use and cached by host pointer in an open-addressing table; cuda_weights_release (sd_free) drops
+// them. Every other operand (activations, LoRA factors, trainable K/V weights) is copied in and
+// out on every call through grow-only device buffers: the simple first step, PCIe-bound. Keeping
+// activations resident would give each Arena a device twin (arena_alloc handing out device memory
+// under DEVICE_CUDA) and skip the copy for pointers cudaPointerGetAttributes calls device memory:
+// only x, t and the context would go in and eps come out of a UNet call. The CPU loops between
+// the hot ops (silu, geglu, adds, layout transposes, LoRA) would need GPU twins first.
 //
-// GEMM. One tiled kernel serves sgemm and both convolutions: operands are read through small
+// GEMM. One tiled kernel serves sgemm, linear and the convolutions: operands are read through small
 // loader structs (implicit GEMM; the im2col matrix never exists, on the host or the device).
 // Block tile 128×128×8, 256 threads, double-buffered shared tiles, register prefetch of the next
 // tile. The arithmetic is chosen by INSTASTYLE_CUDA_GEMM (read once by cuda_init):
@@ -42,8 +40,6 @@
 #define CUDA_CHECK(call) do { cudaError_t err_ = (call); if (err_ != cudaSuccess) { \
     fprintf(stderr, "error: CUDA: %s (%s:%d: %s)\n", cudaGetErrorString(err_), __FILE__, __LINE__, #call); \
     exit(1); } } while (0)
-
-static __host__ __device__ inline int imin(int a, int b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
 // state: device, GEMM mode, weight cache, per-call buffers
@@ -72,7 +68,7 @@ static float* dev_alloc(size_t n) {
     float* p = NULL;
     CUDA_CHECK(cudaMalloc((void**)&p, (n ? n : 1) * sizeof(float)));
     g.bytes += n * sizeof(float);
-    if (g.bytes > g.peak) g.peak = g.bytes;
+    g.peak = g.bytes > g.peak ? g.bytes : g.peak;
     return p;
 }
 static void dev_free(float* p, size_t n) {
@@ -185,8 +181,7 @@ extern "C" void cuda_weights_release(void) {
     std::lock_guard<std::mutex> l(g_lock);
     for (size_t i = 0; i < g.cap; i++) dev_free(g.tab[i].dev, g.tab[i].n);
     free(g.tab);
-    g.tab = NULL;
-    g.cap = g.count = 0;
+    g.tab = NULL, g.cap = g.count = 0;
 }
 
 extern "C" void cuda_shutdown(void) {
@@ -203,7 +198,8 @@ extern "C" long cuda_calls(void) { return g.calls; }
 extern "C" double cuda_flop_count(void) { return g.flops; }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: C[z][M, N] = alpha · op(A)[M, K] · op(B)[K, N] + bias[m] + beta · C[z], z = blockIdx.z.
+// GEMM: C[z][M, N] = alpha · op(A)[M, K] · op(B)[K, N] + bias + beta · C[z], z = blockIdx.z, with
+// bias[m] on row m (bias_rows) or bias[n] on column n.
 // Grid (ceil(N/128), ceil(M/128), Z). Both operands are read as "mn by k": A as (m, k), B as
 // (n, k), through a loader returning element (z, mn, k), 0 outside the matrix. Each thread
 // fetches 4 elements of each 128×8 tile per step; fast_k says which index runs along memory, so
@@ -221,15 +217,17 @@ struct Strided {               // p[z·zs + mn·smn + k·sk]: sgemm operands, th
     }
 };
 
-struct Im2col {                // conv2d_forward's B: k = (c, ky, kx), mn = output pixel (oy, ox) of image z
-    const float* x; int C, H, W, K, stride, pad, Wo, HWo; bool fast_k;
+// conv2d_forward's B: k = (c, ky, kx), mn = output pixel (oy, ox) of image z, read from the image
+// X [C, H, W] = x[z] [C, H >> sh, W >> sh] up-sampled 2^sh× by nearest neighbour (sh 0: X = x).
+struct Im2col {
+    const float* x; int C, H, W, K, stride, pad, Wo, HWo, sh; bool fast_k;
     __device__ float operator()(int z, int p, int k) const {
-        int KK = K * K;
+        int KK = K * K, Hs = H >> sh, Ws = W >> sh;
         if (p >= HWo || k >= C * KK) return 0.0f;
         int c = k / KK, r = k - c * KK, ky = r / K, kx = r - ky * K, oy = p / Wo, ox = p - oy * Wo;
         int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
         if (iy < 0 || iy >= H || ix < 0 || ix >= W) return 0.0f;
-        return x[((size_t)z * C + c) * H * W + (size_t)iy * W + ix];
+        return x[((size_t)z * C + c) * Hs * Ws + (size_t)(iy >> sh) * Ws + (ix >> sh)];
     }
 };
 
@@ -274,10 +272,10 @@ __device__ __forceinline__ void tile_store(bool fast_k, float (*s)[GLD], const f
 }
 
 __device__ __forceinline__ void gemm_put(float* C, int ldc, int M, int N, int m, int n, float v, float alpha,
-                                         float beta, const float* bias) {
+                                         float beta, const float* bias, int bias_rows) {
     if (m >= M || n >= N) return;
     v *= alpha;
-    if (bias) v += bias[m];
+    if (bias) v += bias[bias_rows ? m : n];
     float* c = C + (size_t)m * ldc + n;
     *c = beta == 0.0f ? v : v + beta * *c;          // beta == 0: C is not read (BLAS)
 }
@@ -300,7 +298,8 @@ __device__ __forceinline__ void tf32_split(F& big, F& small) {
 
 template <int MODE, class LA, class LB>
 __global__ void __launch_bounds__(GTHREADS)
-gemm_kernel(LA a, LB b, int M, int N, int K, float alpha, float beta, const float* bias, float* C, int ldc, size_t zc) {
+gemm_kernel(LA a, LB b, int M, int N, int K, float alpha, float beta, const float* bias, int bias_rows, float* C,
+            int ldc, size_t zc) {
     __shared__ __align__(32) float As[2][GK][GLD];
     __shared__ __align__(32) float Bs[2][GK][GLD];
     int tid = threadIdx.x, z = blockIdx.z, m0 = blockIdx.y * GB, n0 = blockIdx.x * GB;
@@ -335,7 +334,7 @@ gemm_kernel(LA a, LB b, int M, int N, int K, float alpha, float beta, const floa
         for (int i = 0; i < 8; i++)
             for (int j = 0; j < 8; j++)
                 gemm_put(C, ldc, M, N, m0 + (i / 4) * 64 + ty * 4 + i % 4, n0 + (j / 4) * 64 + tx * 4 + j % 4,
-                         acc[i][j], alpha, beta, bias);
+                         acc[i][j], alpha, beta, bias, bias_rows);
     } else {
         // 8 warps as 2×4, each a 64×32 tile = 4×2 fragments of 16×16, acc[f] at (f / 2, f % 2)
         int warp = tid / 32, lane = tid % 32, wm = warp / 4, wn = warp % 4;
@@ -376,7 +375,7 @@ gemm_kernel(LA a, LB b, int M, int N, int K, float alpha, float beta, const floa
             __syncwarp();
             for (int e = lane; e < 256; e += 32)
                 gemm_put(C, ldc, M, N, m0 + wm * 64 + (f / 2) * 16 + e / 16, n0 + wn * 32 + (f % 2) * 16 + e % 16,
-                         stage[e], alpha, beta, bias);
+                         stage[e], alpha, beta, bias, bias_rows);
             __syncwarp();
         }
     }
@@ -384,20 +383,20 @@ gemm_kernel(LA a, LB b, int M, int N, int K, float alpha, float beta, const floa
 
 template <class LA, class LB>
 static void gemm_launch(const LA& a, const LB& b, int M, int N, int K, float alpha, float beta, const float* bias,
-                        float* C, int ldc, size_t zc, int Z) {
+                        int bias_rows, float* C, int ldc, size_t zc, int Z) {
     dim3 grid((N + GB - 1) / GB, (M + GB - 1) / GB, Z);
-    if (g.mode == MODE_FP32) gemm_kernel<MODE_FP32><<<grid, GTHREADS>>>(a, b, M, N, K, alpha, beta, bias, C, ldc, zc);
-    else if (g.mode == MODE_TF32) gemm_kernel<MODE_TF32><<<grid, GTHREADS>>>(a, b, M, N, K, alpha, beta, bias, C, ldc, zc);
-    else gemm_kernel<MODE_3XTF32><<<grid, GTHREADS>>>(a, b, M, N, K, alpha, beta, bias, C, ldc, zc);
+    void (*kern)(LA, LB, int, int, int, float, float, const float*, int, float*, int, size_t) =
+        g.mode == MODE_FP32 ? gemm_kernel<MODE_FP32, LA, LB> : g.mode == MODE_TF32 ? gemm_kernel<MODE_TF32, LA, LB>
+                                                                                  : gemm_kernel<MODE_3XTF32, LA, LB>;
+    kern<<<grid, GTHREADS>>>(a, b, M, N, K, alpha, beta, bias, bias_rows, C, ldc, zc);
     CUDA_CHECK(cudaGetLastError());
 }
 
 // sgemm: row-major C[M,N] = alpha·op(A)[M,K]·op(B)[K,N] + beta·C, BLAS semantics (gemm.c).
 extern "C" void sgemm_cuda(int transA, int transB, int M, int N, int K, float alpha, const float* A, int lda,
                            const float* B, int ldb, float beta, float* C, int ldc) {
-    CHECK(M >= 0 && N >= 0 && K >= 0, "sgemm_cuda: negative size M=%d N=%d K=%d", M, N, K);
-    CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
-          "sgemm_cuda: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)", M, N, K, lda, ldb, ldc);
+    CHECK(M >= 0 && N >= 0 && K >= 0 && ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
+          "sgemm_cuda: bad sizes M=%d N=%d K=%d lda=%d ldb=%d ldc=%d", M, N, K, lda, ldb, ldc);
     if (M == 0 || N == 0) return;
     std::unique_lock<std::mutex> l = op_begin(alpha == 0.0f ? 0.0 : 2.0 * M * N * K);
     if (alpha == 0.0f) K = 0;                       // BLAS: A and B are not read
@@ -406,16 +405,29 @@ extern "C" void sgemm_cuda(int transA, int transB, int M, int N, int K, float al
     float* dC = beta != 0.0f ? upload(2, C, M, N, ldc) : scratch_buf(2, (size_t)(M - 1) * ldc + N);
     Strided a = {dA, 0, transA ? (size_t)1 : (size_t)lda, transA ? (size_t)lda : (size_t)1, M, K, !transA};
     Strided b = {dB, 0, transB ? (size_t)ldb : (size_t)1, transB ? (size_t)1 : (size_t)ldb, N, K, transB != 0};
-    gemm_launch(a, b, M, N, K, alpha, beta, NULL, dC, ldc, 0, 1);
+    gemm_launch(a, b, M, N, K, alpha, beta, NULL, 0, dC, ldc, 0, 1);
     download(C, dC, M, N, ldc);
 }
 
-// conv2d: out[N, OC, Ho, Wo] = w[OC, C, K, K] ⊛ inp[N, C, H, W] + b, stride, zero padding pad_lo
-// (top/left) and pad_hi (bottom/right). Per image a GEMM [OC, C·K·K] × im2col [C·K·K, Ho·Wo].
-extern "C" void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
-                                    int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
-    (void)scratch;                                   // no im2col buffer on the GPU
-    int Ho = (H + pad_lo + pad_hi - K) / stride + 1, Wo = (W + pad_lo + pad_hi - K) / stride + 1;
+// linear: out[M, OUT] = inp[M, IN] · w[OUT, IN]ᵀ + b[OUT]   (b may be NULL)
+extern "C" void linear_forward_cuda(float* out, const float* inp, const float* w, const float* b, int M, int IN,
+                                    int OUT) {
+    CHECK(M > 0 && IN > 0 && OUT > 0, "linear_forward_cuda: bad shape M=%d IN=%d OUT=%d", M, IN, OUT);
+    std::unique_lock<std::mutex> l = op_begin(2.0 * M * IN * OUT);
+    Strided a = {to_device(0, inp, M, IN, IN), 0, (size_t)IN, 1, M, IN, true};
+    Strided bw = {to_device(1, w, OUT, IN, IN), 0, (size_t)IN, 1, OUT, IN, true};
+    float* dy = scratch_buf(3, (size_t)M * OUT);
+    gemm_launch(a, bw, M, OUT, IN, 1.0f, 0.0f, b ? to_device(2, b, 1, OUT, OUT) : NULL, 0, dy, OUT, 0, 1);
+    download(out, dy, M, OUT, OUT);
+}
+
+// conv2d: out[N, OC, Ho, Wo] = w[OC, C, K, K] ⊛ X + b, stride, zero padding pad_lo (top/left) and
+// pad_hi (bottom/right), X [N, C, H·2^sh, W·2^sh] = inp[N, C, H, W] up-sampled by nearest neighbour.
+// Per image a GEMM [OC, C·K·K] × im2col(X) [C·K·K, Ho·Wo].
+static void conv_forward(float* out, const float* inp, const float* w, const float* b, int N, int C, int H, int W,
+                         int OC, int K, int stride, int pad_lo, int pad_hi, int sh) {
+    int Hu = H << sh, Wu = W << sh;
+    int Ho = (Hu + pad_lo + pad_hi - K) / stride + 1, Wo = (Wu + pad_lo + pad_hi - K) / stride + 1;
     CHECK(N > 0 && C > 0 && OC > 0 && K > 0 && stride > 0 && Ho > 0 && Wo > 0, "conv2d_forward_cuda: bad shape");
     int HWo = Ho * Wo, CKK = C * K * K;
     std::unique_lock<std::mutex> l = op_begin(2.0 * N * OC * HWo * CKK);
@@ -424,9 +436,22 @@ extern "C" void conv2d_forward_cuda(float* out, const float* inp, const float* w
     const float* db = b ? to_device(2, b, 1, OC, OC) : NULL;
     float* dout = scratch_buf(3, (size_t)N * OC * HWo);
     Strided a = {dw, 0, (size_t)CKK, 1, OC, CKK, true};
-    Im2col im = {dx, C, H, W, K, stride, pad_lo, Wo, HWo, false};
-    gemm_launch(a, im, OC, HWo, CKK, 1.0f, 0.0f, db, dout, HWo, (size_t)OC * HWo, N);
+    Im2col im = {dx, C, Hu, Wu, K, stride, pad_lo, Wo, HWo, sh, false};
+    gemm_launch(a, im, OC, HWo, CKK, 1.0f, 0.0f, db, 1, dout, HWo, (size_t)OC * HWo, N);
     download(out, dout, 1, (size_t)N * OC * HWo, (size_t)N * OC * HWo);
+}
+
+extern "C" void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
+                                    int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    (void)scratch;                                   // no im2col buffer on the GPU
+    conv_forward(out, inp, w, b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, 0);
+}
+
+// out[N, OC, 2H, 2W] = conv(upsample_nearest_2×(inp[N, C, H, W])), stride 1, padding pad each side.
+extern "C" void conv2d_forward_up2_cuda(float* out, const float* inp, const float* w, const uint16_t* w16,
+                                        const float* b, int N, int C, int H, int W, int OC, int K, int pad) {
+    CHECK(!w16, "conv2d_forward_up2_cuda: fp16 weights (--weights fp16) are CPU-only; use fp32 weights on CUDA");
+    conv_forward(out, inp, w, b, N, C, H, W, OC, K, 1, pad, pad, 1);
 }
 
 // Backward-data: dinp[N, C, H, W] += wᵀ ⊛ dout[N, OC, Ho, Wo] (the transposed convolution),
@@ -443,7 +468,7 @@ extern "C" void conv2d_backward_input_cuda(float* dinp, const float* dout, const
     float* dx = upload(3, dinp, 1, nx, nx);
     ConvWT a = {dw, C, OC, K * K, true};
     Col2imT b = {dy, OC, K, stride, pad_lo, Ho, Wo, W, H * W, false};
-    gemm_launch(a, b, C, H * W, OC * K * K, 1.0f, 1.0f, NULL, dx, H * W, (size_t)C * H * W, N);
+    gemm_launch(a, b, C, H * W, OC * K * K, 1.0f, 1.0f, NULL, 0, dx, H * W, (size_t)C * H * W, N);
     download(dinp, dx, 1, nx, nx);
 }
 
@@ -463,9 +488,10 @@ __device__ double block_sum(double v, double* red) {
 
 // x[N, C, HW] in G groups; one block per (n, g) normalises its C/G·HW values: mean μ and
 // rstd = 1/√(σ² + eps) (saved [N, G] when non-NULL), out = (x − μ)·rstd·w[c] + b[c], then SiLU
-// when `silu`. layernorm over x[M, C] is the case N = M, HW = 1, G = 1.
+// when `silu`. layernorm over x[M, C] is the case N = M, HW = 1, G = 1 (`layer`: in nn.c's
+// layernorm expression; groupnorm folds it into x·scale + shift, as nn.c does).
 __global__ void norm_kernel(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
-                            int C, int HW, int G, float eps, int silu) {
+                            int C, int HW, int G, float eps, int silu, int layer) {
     __shared__ double red[32];
     int i = blockIdx.x, g = i % G, cg = C / G;
     size_t off = ((size_t)(i / G) * C + (size_t)g * cg) * HW, cnt = (size_t)cg * HW;
@@ -478,19 +504,20 @@ __global__ void norm_kernel(float* out, float* mean, float* rstd, const float* x
     if (mean && threadIdx.x == 0) { mean[i] = m; rstd[i] = r; }
     for (size_t j = threadIdx.x; j < cnt; j += blockDim.x) {
         int ch = g * cg + (int)(j / HW);
-        float scale = r * w[ch], shift = b[ch] - m * scale, v = xg[j] * scale + shift;
+        float scale = r * w[ch], shift = b[ch] - m * scale;
+        float v = layer ? (xg[j] - m) * r * w[ch] + b[ch] : xg[j] * scale + shift;
         out[off + j] = silu ? v / (1.0f + expf(-v)) : v;
     }
 }
 
 static void norm_run(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int N,
-                     int C, int HW, int G, float eps, int silu) {
+                     int C, int HW, int G, float eps, int silu, int layer) {
     size_t n = (size_t)N * C * HW, ns = (size_t)N * G;
     std::unique_lock<std::mutex> l = op_begin(0);
     const float* dx = to_device(0, x, 1, n, n);
     const float *dw = to_device(1, w, 1, C, C), *db = to_device(2, b, 1, C, C);
     float *dy = scratch_buf(3, n), *dst = mean ? scratch_buf(4, 2 * ns) : NULL;
-    norm_kernel<<<N * G, 256>>>(dy, dst, dst ? dst + ns : NULL, dx, dw, db, C, HW, G, eps, silu);
+    norm_kernel<<<N * G, 256>>>(dy, dst, dst ? dst + ns : NULL, dx, dw, db, C, HW, G, eps, silu, layer);
     CUDA_CHECK(cudaGetLastError());
     download(out, dy, 1, n, n);
     if (mean) { download(mean, dst, 1, ns, ns); download(rstd, dst + ns, 1, ns, ns); }
@@ -499,13 +526,13 @@ static void norm_run(float* out, float* mean, float* rstd, const float* x, const
 extern "C" void groupnorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
                                        const float* b, int N, int C, int HW, int G, float eps, int silu) {
     CHECK(N > 0 && G > 0 && C % G == 0 && HW > 0, "groupnorm_forward_cuda: bad shape C=%d G=%d", C, G);
-    norm_run(out, mean, rstd, x, w, b, N, C, HW, G, eps, silu);
+    norm_run(out, mean, rstd, x, w, b, N, C, HW, G, eps, silu, 0);
 }
 
 extern "C" void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
                                        const float* b, int M, int C, float eps) {
     CHECK(M > 0 && C > 0, "layernorm_forward_cuda: bad shape M=%d C=%d", M, C);
-    norm_run(out, mean, rstd, x, w, b, M, C, 1, 1, eps, 0);
+    norm_run(out, mean, rstd, x, w, b, M, C, 1, 1, eps, 0, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -531,8 +558,7 @@ typedef struct AttnArgs {
 } AttnArgs;
 
 // dst[r, :HD] = src row row0 + r (stride lds) for r < nr, zero rows past `rows`.
-__device__ __forceinline__ void load_rows(float* dst, int ld, const float* src, int lds, int row0, int rows, int nr,
-                                          int HD) {
+__device__ __forceinline__ void load_rows(float* dst, int ld, const float* src, int lds, int row0, int rows, int nr, int HD) {
     for (int e = threadIdx.x; e < nr * HD; e += ATT_THREADS) {
         int r = e / HD, d = e - r * HD;
         dst[r * ld + d] = row0 + r < rows ? src[(size_t)(row0 + r) * lds + d] : 0.0f;
@@ -581,7 +607,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(AttnArgs
     float *Qs = sm, *KVs = Qs + ATT_BR * ld, *Ps = KVs + ATT_BC * ld, *corr = Ps + ATT_BR * ATT_LDP, *inv = corr + ATT_BR;
     load_rows(Qs, ld, head(a.q, n, a.Tq, a.ldq, h, HD), a.ldq, i0, a.Tq, ATT_BR, HD);
     float o[4][DC] = {}, m_run = -INFINITY, l_run = 0.0f;   // m_run, l_run: row tid/4
-    int kend = a.causal ? imin(a.Tk, i0 + ATT_BR) : a.Tk;
+    int kend = a.causal ? min(a.Tk, i0 + ATT_BR) : a.Tk;
     for (int j0 = 0; j0 < kend; j0 += ATT_BC) {
         load_rows(KVs, ld, head(a.k, n, a.Tk, a.ldk, h, HD), a.ldk, j0, a.Tk, ATT_BC, HD);
         __syncthreads();
@@ -670,7 +696,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_kernel(AttnArg
     load_rows(X1, ld, KEYS ? k : q, KEYS ? a.ldk : a.ldq, r0, TR, ATT_BR, HD);
     load_rows(X2, ld, KEYS ? v : g, KEYS ? a.ldv : a.ldo, r0, TR, ATT_BR, HD);
     float acc[4][DC] = {}, acc2[4][DC] = {};
-    int c_end = !KEYS && a.causal ? imin(TC, r0 + ATT_BR) : TC;
+    int c_end = !KEYS && a.causal ? min(TC, r0 + ATT_BR) : TC;
     for (int c0 = KEYS && a.causal ? r0 - r0 % ATT_BC : 0; c0 < c_end; c0 += ATT_BC) {
         load_rows(Y1, ld, KEYS ? q : k, KEYS ? a.ldq : a.ldk, c0, TC, ATT_BC, HD);
         load_rows(Y2, ld, KEYS ? g : v, KEYS ? a.ldo : a.ldv, c0, TC, ATT_BC, HD);
@@ -781,9 +807,7 @@ __global__ void fma_probe_kernel(float* out, int iters) {
     for (int c = 0; c < 8; c++) x[c] = threadIdx.x * 1e-3f + c;
     for (int it = 0; it < iters; it++)
         for (int c = 0; c < 8; c++) x[c] = fmaf(x[c], 0.999999f, 1e-6f);
-    float s = 0.0f;
-    for (int c = 0; c < 8; c++) s += x[c];
-    if (s == 12345.0f) out[0] = s;                   // keeps the chains alive; never true
+    if (x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7] == 12345.0f) out[0] = 1.0f;   // never true: keeps the chains
 }
 
 extern "C" double cuda_peak_gflops(void) {

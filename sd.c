@@ -367,6 +367,20 @@ static void conv_apply(const Conv2d* c, float* out, const float* inp, int N, int
     if (c->w16) conv2d_forward_f16(out, inp, c->w16, c->b, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi);
     else conv2d_forward(out, inp, c->w, c->b, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi, scratch);
 }
+// out[N, out, Ho, Wo] = conv(upsample_nearest(x[N, in, H, W], Ho, Wo)) (stride 1). At exactly 2× the
+// up-sampled image is read on the fly; otherwise it is built in scratch.
+static void conv_upsampled(const Conv2d* c, float* out, const float* x, int N, int H, int W, int Ho, int Wo,
+                           Arena* scratch) {
+    if (Ho == 2 * H && Wo == 2 * W && c->pad_lo == c->pad_hi) {
+        conv2d_forward_up2(out, x, c->w, c->w16, c->b, N, c->in, H, W, c->out, c->k, c->pad_lo);
+        return;
+    }
+    size_t mark = arena_mark(scratch);
+    float* up = arena_alloc(scratch, (size_t)N * c->in * Ho * Wo);
+    upsample_nearest_forward(up, x, N, c->in, H, W, Ho, Wo);
+    conv_apply(c, out, up, N, Ho, Wo, scratch);
+    arena_reset(scratch, mark);
+}
 // dinp[N, in, H, W] += convᵀ(dout)
 static void conv_back(const Conv2d* c, float* dinp, const float* dout, int N, int H, int W, Arena* scratch) {
     if (c->w16) conv2d_backward_input_f16(dinp, dout, c->w16, N, c->in, H, W, c->out, c->k, c->stride, c->pad_lo, c->pad_hi, scratch);
@@ -644,7 +658,8 @@ static void transformer_forward(const Transformer2D* t, TransformerSaved* sv, fl
         transformer_block_forward(&t->blocks[b], sv ? &sv->blocks[b] : NULL, h, ctx, N, HW, Tc, scratch, saved);
     linear_apply(&t->proj_out, tok, h, (int)M);
     nhwc_to_nchw(a, tok, N, C, HW);
-    for (size_t i = 0; i < M * C; i++) out[i] = x[i] + a[i];   // out may alias x
+    if (out != x) memcpy(out, x, M * C * sizeof(float));
+    add_inplace(out, a, M * C);                                  // out = x + a
     arena_reset(scratch, mark);
 }
 
@@ -884,11 +899,9 @@ static void unet_run(const UNet* u, UNetSaved* sv, float* eps, const float* x, c
         }
         if (lv->has_sampler) {   // nearest up-sampling to the next skip's size, then conv 3×3
             int Ho = skips[ns - 1].H, Wo = skips[ns - 1].W;
-            float* up = arena_alloc(scratch, (size_t)N * Ch * Ho * Wo);
-            upsample_nearest_forward(up, h, N, Ch, H, W, Ho, Wo);
-            H = Ho; W = Wo;
-            h = arena_alloc(act, (size_t)N * Ch * H * W);
-            conv_apply(&lv->sampler, h, up, N, H, W, scratch);
+            float* o = arena_alloc(act, (size_t)N * Ch * Ho * Wo);
+            conv_upsampled(&lv->sampler, o, h, N, H, W, Ho, Wo, scratch);
+            h = o; H = Ho; W = Wo;
         }
         char name[32];
         snprintf(name, sizeof name, "up_blocks.%d", i);
@@ -1065,15 +1078,34 @@ static void vae_mid_load(ResBlock* res, VaeAttention* attn, Loader* L, const cha
     NAMEF(n, "%s.mid_block.resnets.1", prefix); resblock_load(&res[1], L, n, C, C, 0, G, VAE_EPS);
 }
 
-// x[N, C, H, W] → out: resnet, attention, resnet
-static void vae_mid_forward(const ResBlock* res, const VaeAttention* attn, float* out, const float* x,
+// The VAE's ResBlock (no time embedding, inference only): resblock_forward's operations in an
+// order that consumes x[N, in, H, W] (overwritten: the caller no longer needs it), so that no
+// normalised copy of x is held beside it: 256 MiB less at the decoder's 512² level. The sums are
+// the same (a + b = b + a), so are the bits.
+static void vae_resblock(const ResBlock* rb, float* out, float* x, int N, int H, int W, Arena* scratch) {
+    int in = rb->conv1.in, oc = rb->conv1.out, HW = H * W;
+    size_t mark = arena_mark(scratch), n = (size_t)N * oc * HW;
+    float* h = arena_alloc(scratch, n);
+    if (rb->has_shortcut) conv_apply(&rb->conv_shortcut, out, x, N, H, W, scratch);
+    else memcpy(out, x, n * sizeof(float));
+    groupnorm_forward(x, NULL, NULL, x, rb->norm1.w, rb->norm1.b, N, in, HW, rb->norm1.G, rb->norm1.eps, 1);
+    conv_apply(&rb->conv1, h, x, N, H, W, scratch);
+    float* a = in >= oc ? x : arena_alloc(scratch, n);
+    groupnorm_forward(a, NULL, NULL, h, rb->norm2.w, rb->norm2.b, N, oc, HW, rb->norm2.G, rb->norm2.eps, 1);
+    conv_apply(&rb->conv2, h, a, N, H, W, scratch);
+    add_inplace(out, h, n);
+    arena_reset(scratch, mark);
+}
+
+// x[N, C, H, W] (consumed) → out: resnet, attention, resnet
+static void vae_mid_forward(const ResBlock* res, const VaeAttention* attn, float* out, float* x,
                             int N, int H, int W, Arena* scratch) {
     int C = res[0].conv1.in;
     size_t mark = arena_mark(scratch);
     float* t = arena_alloc(scratch, (size_t)N * C * H * W);
-    resblock_forward(&res[0], NULL, t, x, NULL, N, H, W, scratch, NULL);
+    vae_resblock(&res[0], t, x, N, H, W, scratch);
     vae_attention_forward(attn, t, N, H, W, scratch);
-    resblock_forward(&res[1], NULL, out, t, NULL, N, H, W, scratch, NULL);
+    vae_resblock(&res[1], out, t, N, H, W, scratch);
     arena_reset(scratch, mark);
 }
 
@@ -1136,7 +1168,7 @@ static float* arena_keep(Arena* a, size_t mark, const float* x, size_t n) {
 static float* level_resnets(const Level* lv, float* h, size_t base, int N, int H, int W, Arena* scratch) {
     for (int j = 0; j < lv->nres; j++) {
         float* o = arena_alloc(scratch, (size_t)N * lv->out * H * W);
-        resblock_forward(&lv->res[j], NULL, o, h, NULL, N, H, W, scratch, NULL);
+        vae_resblock(&lv->res[j], o, h, N, H, W, scratch);
         h = arena_keep(scratch, base, o, (size_t)N * lv->out * H * W);
     }
     return h;
@@ -1196,11 +1228,9 @@ void vae_decode(const Vae* v, float* image, const float* latent, int N, int h, i
         const Level* lv = &v->dec_up[i];
         hcur = level_resnets(lv, hcur, mark, N, H, W, scratch);
         if (lv->has_sampler) {   // nearest ×2, conv 3×3
-            float* up = arena_alloc(scratch, (size_t)N * lv->out * 4 * H * W);
-            upsample_nearest_forward(up, hcur, N, lv->out, H, W, 2 * H, 2 * W);
+            float* d = arena_alloc(scratch, (size_t)N * lv->out * 4 * H * W);
+            conv_upsampled(&lv->sampler, d, hcur, N, H, W, 2 * H, 2 * W, scratch);
             H *= 2; W *= 2;
-            float* d = arena_alloc(scratch, (size_t)N * lv->out * H * W);
-            conv_apply(&lv->sampler, d, up, N, H, W, scratch);
             hcur = arena_keep(scratch, mark, d, (size_t)N * lv->out * H * W);
         }
     }
@@ -1603,10 +1633,9 @@ void sd_free(StableDiffusion* sd) {
 // the tokenizer and their rows set in sd->clip.added). Exits with a message on a bad prompt.
 void sd_encode_prompts(StableDiffusion* sd, const char* const* prompts, int n, float* ctx, Arena* scratch) {
     CHECK(sd->tok, "internal: tokenizer not loaded");
-    int* ids = xmalloc((size_t)n * CLIP_MAX_LENGTH * sizeof(int));
-    for (int i = 0; i < n; i++)
-        CHECK(tokenizer_encode(sd->tok, prompts[i], ids + (size_t)i * CLIP_MAX_LENGTH, CLIP_MAX_LENGTH) >= 0,
-              "prompt \"%.60s\": %s", prompts[i], error_last());
-    clip_forward(&sd->clip, ctx, ids, n, CLIP_MAX_LENGTH, scratch);
-    free(ids);
+    int ids[CLIP_MAX_LENGTH];
+    for (int i = 0; i < n; i++) {   // one prompt at a time: CLIP's output rows are independent
+        CHECK(tokenizer_encode(sd->tok, prompts[i], ids, CLIP_MAX_LENGTH) >= 0, "prompt \"%.60s\": %s", prompts[i], error_last());
+        clip_forward(&sd->clip, ctx + (size_t)i * CLIP_MAX_LENGTH * sd->clip.cfg.hidden, ids, 1, CLIP_MAX_LENGTH, scratch);
+    }
 }

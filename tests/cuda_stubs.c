@@ -30,9 +30,16 @@ void sgemm_cuda(int transA, int transB, int M, int N, int K, float alpha, const 
                 const float* B, int ldb, float beta, float* C, int ldc) {
     no_cuda("sgemm_cuda", transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+void linear_forward_cuda(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT) {
+    no_cuda("linear_forward_cuda", out, inp, w, b, M, IN, OUT);
+}
 void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
                          int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
     no_cuda("conv2d_forward_cuda", out, inp, w, b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
+}
+void conv2d_forward_up2_cuda(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
+                             int C, int H, int W, int OC, int K, int pad) {
+    no_cuda("conv2d_forward_up2_cuda", out, inp, w, w16, b, N, C, H, W, OC, K, pad);
 }
 void conv2d_backward_input_cuda(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
                                 int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {

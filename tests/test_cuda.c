@@ -9,7 +9,7 @@
 // values each time.
 //
 // Tolerances, element by element:
-//   GEMM-shaped ops (sgemm, conv2d forward and backward-data, K = summed products per element):
+//   GEMM-shaped ops (sgemm, linear, conv2d forward and backward-data, K = summed products each):
 //   any order of summing K products in float is within γ_(K+2)·S of the exact value (Higham,
 //   "Accuracy and Stability of Numerical Algorithms", §3.1), S = Σ|a·b| + |beta·c| (+ |bias|),
 //   computed by running the CPU op on absolute values. CPU and GPU may err in opposite
@@ -44,8 +44,11 @@ const char* cuda_gemm_mode(void);
 long cuda_calls(void);
 void sgemm_cuda(int transA, int transB, int M, int N, int K, float alpha, const float* A, int lda,
                 const float* B, int ldb, float beta, float* C, int ldc);
+void linear_forward_cuda(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT);
 void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
                          int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
+void conv2d_forward_up2_cuda(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
+                             int C, int H, int W, int OC, int K, int pad);
 void conv2d_backward_input_cuda(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
                                 int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
 void groupnorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
@@ -195,8 +198,33 @@ static void test_sgemm(int tA, int tB, int M, int N, int K, float alpha, float b
     free(c.A); free(c.B); free(c.C0); free(c.C); free(aA); free(aB); free(S);
 }
 
+// linear (the bias is added per output column)
+
+typedef struct { int M, IN, OUT; float *x, *w, *b, *y; } LinearCase;
+
+static void linear_run(void* p, int how) {
+    LinearCase* c = p;
+    RUN_OP(how, linear_forward, c->y, c->x, c->w, c->b, c->M, c->IN, c->OUT);
+}
+
+static void test_linear(int M, int IN, int OUT, int bias) {
+    LinearCase c = {M, IN, OUT, rnd((size_t)M * IN, 1, 0), rnd((size_t)OUT * IN, 1, 0), bias ? rnd(OUT, 1, 0) : NULL,
+                    xmalloc((size_t)M * OUT * sizeof(float))};
+    float *ax = absdup(c.x, (size_t)M * IN), *aw = absdup(c.w, (size_t)OUT * IN), *ab = bias ? absdup(c.b, OUT) : NULL;
+    float* S = xmalloc((size_t)M * OUT * sizeof(float));
+    linear_forward(S, ax, aw, ab, M, IN, OUT);
+    gemm_bound(S, (size_t)M * OUT, IN);
+    cuda_weights_frozen(c.w, (size_t)OUT * IN);
+    char name[120];
+    snprintf(name, sizeof name, "linear_forward %dx%d -> %d%s, weight cached", M, IN, OUT, bias ? " + bias" : "");
+    Out o[1] = {{"out", c.y, (size_t)M * OUT, S, 0, 0}};
+    check_op(name, linear_run, &c, o, 1, 2e-9 * M * IN * OUT);
+    cuda_weights_release();
+    free(c.x); free(c.w); free(c.b); free(c.y); free(ax); free(aw); free(ab); free(S);
+}
+
 // ---------------------------------------------------------------------------------------------
-// conv2d forward and backward-data
+// conv2d forward, forward through 2× up-sampling, backward-data
 
 typedef struct { int N, C, H, W, OC, K, s, plo, phi, Ho, Wo; float *x, *w, *b, *y, *dx0, *dx, *dy; } ConvCase;
 
@@ -204,6 +232,10 @@ static void conv_fwd_run(void* p, int how) {
     ConvCase* c = p;
     RUN_OP(how, conv2d_forward, c->y, c->x, c->w, c->b, c->N, c->C, c->H, c->W, c->OC, c->K, c->s, c->plo, c->phi,
            &g_arena);
+}
+static void conv_up2_run(void* p, int how) {
+    ConvCase* c = p;
+    RUN_OP(how, conv2d_forward_up2, c->y, c->x, c->w, NULL, c->b, c->N, c->C, c->H, c->W, c->OC, c->K, c->plo);
 }
 static void conv_bwd_run(void* p, int how) {
     ConvCase* c = p;
@@ -239,6 +271,22 @@ static void test_conv(const char* what, int N, int C, int H, int W, int OC, int 
     cuda_weights_release();
     free(c.x); free(c.w); free(c.b); free(c.y); free(c.dy); free(c.dx0); free(c.dx);
     free(ax); free(aw); free(ab); free(ady); free(Sy); free(Sx);
+}
+
+// out[N, OC, 2H, 2W] = conv(upsample_nearest_2×(x[N, C, H, W])), k K, padding pad (the up-samplers).
+static void test_conv_up2(int N, int C, int H, int W, int OC, int K, int pad) {
+    ConvCase c = {N, C, H, W, OC, K, 1, pad, pad, 2 * H + 2 * pad - K + 1, 2 * W + 2 * pad - K + 1, 0, 0, 0, 0, 0, 0, 0};
+    size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * K * K, ny = (size_t)N * OC * c.Ho * c.Wo;
+    c.x = rnd(nx, 1, 0); c.w = rnd(nw, 1, 0); c.b = rnd(OC, 1, 0); c.y = xmalloc(ny * sizeof(float));
+    float *ax = absdup(c.x, nx), *aw = absdup(c.w, nw), *ab = absdup(c.b, OC), *S = xmalloc(ny * sizeof(float));
+    conv2d_forward_up2(S, ax, aw, NULL, ab, N, C, H, W, OC, K, pad);
+    gemm_bound(S, ny, (double)C * K * K);
+    char name[160];
+    snprintf(name, sizeof name, "conv2d_forward_up2 upsampler: %dx%dx%dx%d -> %d at %dx%d, k%d pad %d", N, C, H, W, OC,
+             c.Ho, c.Wo, K, pad);
+    Out o[1] = {{"out", c.y, ny, S, 0, 0}};
+    check_op(name, conv_up2_run, &c, o, 1, 2e-9 * ny * C * K * K);
+    free(c.x); free(c.w); free(c.b); free(c.y); free(ax); free(aw); free(ab); free(S);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,12 +400,17 @@ int main(int argc, char** argv) {
     test_sgemm(1, 0, 333, 257, 77, 0.7f, 0.5f, 3, 0);
     test_sgemm(1, 1, 77, 200, 130, -1.5f, 1.0f, 1, 1);
     test_sgemm(0, 0, 5, 7, 0, 1.0f, 2.0f, 2, 0);                        // K = 0: C = beta·C
+    // linear: transformer projections (to_q 320, GEGLU 320 -> 2560, CLIP fc1 768 -> 3072)
+    test_linear(s ? 300 : 8192, 320, s ? 200 : 2560, 1);
+    test_linear(s ? 100 : 4096, s ? 64 : 320, s ? 96 : 320, 0);
+    test_linear(154, 768, s ? 300 : 3072, 1);
     // conv2d: ResBlock 3x3, down-sampler (UNet pad 1, VAE pad (0, 1)), 1x1 shortcut, conv_in
     test_conv("resnet 3x3", 2, s ? 32 : 320, s ? 16 : 64, s ? 16 : 64, s ? 48 : 320, 3, 1, 1, 1);
     test_conv("unet downsample", 2, s ? 32 : 320, s ? 16 : 64, s ? 16 : 64, s ? 32 : 320, 3, 2, 1, 1);
     test_conv("vae downsample", 1, s ? 16 : 128, s ? 17 : 128, s ? 15 : 128, s ? 16 : 128, 3, 2, 0, 1);
     test_conv("1x1 shortcut", 2, s ? 40 : 640, s ? 8 : 32, s ? 8 : 32, s ? 24 : 320, 1, 1, 0, 0);
     test_conv("unet conv_in", 2, 4, s ? 16 : 64, s ? 16 : 64, s ? 40 : 320, 3, 1, 1, 1);
+    test_conv_up2(2, s ? 24 : 640, s ? 8 : 32, s ? 7 : 32, s ? 16 : 640, 3, 1);
     // attention: UNet self (HD 40, 80, 160), cross on 77 text tokens, CLIP causal, VAE one 512-wide head
     test_attention("unet self", 2, s ? 200 : 4096, s ? 200 : 4096, s ? 2 : 8, 40, 1, 0, 0, 1);
     test_attention("unet cross", 2, s ? 100 : 4096, 77, s ? 2 : 8, 40, 0, 0, 0, 1);

@@ -256,8 +256,8 @@ static void test_operands(void) {
         sgemm(tA, tB, M, N, K, 0.75f, A, lda, B, ldb, 0.5f, C1, N);
         for (int i = 0; i < M; i++)
             for (int j = 0; j < N; j++) C1[(size_t)i * N + j] += bias[rows ? i : j];
-        GemmOperand oa = {half_a ? NULL : A, half_a ? H : NULL, NULL, lda, tA};
-        GemmOperand ob = {half_a ? B : NULL, half_a ? NULL : H, NULL, ldb, tB};
+        GemmOperand oa = {.f32 = half_a ? NULL : A, .f16 = half_a ? H : NULL, .ld = lda, .trans = tA};
+        GemmOperand ob = {.f32 = half_a ? B : NULL, .f16 = half_a ? NULL : H, .ld = ldb, .trans = tB};
         sgemm_op(M, N, K, 0.75f, oa, ob, 0.5f, bias, rows, C2, N);
         if (memcmp(C1, C2, (size_t)M * N * sizeof(float)) != 0) {
             ok = 0;
@@ -270,30 +270,55 @@ static void test_operands(void) {
     ok = 1;
     for (int c = 0; c < 60 && ok; c++) {
         int C = irand(1, 12), H = irand(1, 40), W = irand(1, 70), K = c % 4 == 3 ? 1 : 3, s = 1 + (c % 5 == 4);
-        int plo = K == 3 ? irand(0, 1) : 0, phi = K == 3 ? irand(0, 1) : 0;
+        int plo = K == 3 ? irand(0, 1) : 0, phi = K == 3 ? irand(0, 1) : 0, up = 1 + (c % 7 >= 4);
         if (c % 3 == 0) { W = 16 * irand(1, 5); s = 1; K = 3; plo = phi = 1; }   // the vector fast path
+        H *= up;          // the image read through 2× nearest up-sampling of x [C, H/2, W/2]
+        W *= up;
         int Ho = (H + plo + phi - K) / s + 1, Wo = (W + plo + phi - K) / s + 1;
         if (Ho < 1 || Wo < 1) continue;
         int OC = irand(1, 40), CKK = C * K * K, P = Ho * Wo;
-        float *x = alloc_fill((size_t)C * H * W), *w = alloc_fill((size_t)OC * CKK);
+        float *x = alloc_fill((size_t)C * (H / up) * (W / up)), *w = alloc_fill((size_t)OC * CKK);
         float* col = xmalloc((size_t)CKK * P * sizeof(float));
         for (int k = 0; k < CKK; k++)
             for (int p = 0; p < P; p++) {
                 int ch = k / (K * K), iy = p / Wo * s - plo + k / K % K, ix = p % Wo * s - plo + k % K;
-                col[(size_t)k * P + p] = iy >= 0 && iy < H && ix >= 0 && ix < W ? x[((size_t)ch * H + iy) * W + ix] : 0.0f;
+                int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+                col[(size_t)k * P + p] = inside ? x[((size_t)ch * (H / up) + iy / up) * (W / up) + ix / up] : 0.0f;
             }
         float *C1 = xmalloc((size_t)OC * P * sizeof(float)), *C2 = xmalloc((size_t)OC * P * sizeof(float));
         sgemm(0, 0, OC, P, CKK, 1.0f, w, CKK, col, P, 0.0f, C1, P);
-        GemmIm2col im = {x, C, H, W, K, s, plo, Wo};
-        sgemm_op(OC, P, CKK, 1.0f, (GemmOperand){w, NULL, NULL, CKK, 0}, (GemmOperand){NULL, NULL, &im, 0, 0}, 0.0f,
+        GemmIm2col im = {x, C, H, W, K, s, plo, Wo, up};
+        sgemm_op(OC, P, CKK, 1.0f, (GemmOperand){.f32 = w, .ld = CKK}, (GemmOperand){.im2col = &im}, 0.0f,
                  NULL, 0, C2, P);
         if (memcmp(C1, C2, (size_t)OC * P * sizeof(float)) != 0) {
             ok = 0;
-            snprintf(detail, sizeof detail, "C=%d H=%d W=%d K=%d stride=%d pad=(%d,%d) OC=%d", C, H, W, K, s, plo, phi, OC);
+            snprintf(detail, sizeof detail, "C=%d H=%d W=%d K=%d stride=%d pad=(%d,%d) up=%d OC=%d", C, H, W, K, s, plo, phi,
+                     up, OC);
         }
         free(x); free(w); free(col); free(C1); free(C2);
     }
-    check(ok, "sgemm_op: im2col operand = sgemm on the materialised im2col matrix, bitwise", detail);
+    check(ok, "sgemm_op: im2col operand (also up-sampled) = sgemm on the materialised im2col matrix, bitwise", detail);
+    ok = 1;
+    for (int c = 0; c < 40 && ok; c++) {     // pre-packed A or B, reused for products of other widths
+        int M = irand(1, 300), N = irand(1, 200), K = irand(1, 1700), tA = c & 1, tB = (c >> 1) & 1, pb = (c >> 2) & 1;
+        int M2 = pb ? irand(1, 300) : M, N2 = pb ? N : irand(1, 200);   // the other side of the second product
+        float *A = alloc_fill((size_t)M2 * K), *B = alloc_fill((size_t)K * N2);
+        float *C1 = xmalloc((size_t)M2 * N2 * sizeof(float)), *C2 = xmalloc((size_t)M2 * N2 * sizeof(float));
+        GemmOperand oa = {.f32 = A, .ld = tA ? M2 : K, .trans = tA}, ob = {.f32 = B, .ld = tB ? K : N2, .trans = tB};
+        float* buf = aligned_alloc(64, (sgemm_pack_floats(M, N, K, pb) * sizeof(float) + 63) / 64 * 64);
+        GemmPacked pk;
+        sgemm_pack(&pk, buf, pb ? ob : oa, M, N, K, pb);
+        sgemm_op(M2, N2, K, 1.25f, oa, ob, 0.0f, NULL, 0, C1, N2);
+        if (pb) ob = (GemmOperand){.packed = &pk};
+        else oa = (GemmOperand){.packed = &pk};
+        sgemm_op(M2, N2, K, 1.25f, oa, ob, 0.0f, NULL, 0, C2, N2);
+        if (memcmp(C1, C2, (size_t)M2 * N2 * sizeof(float)) != 0) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "packed %s for %d×%d×%d, used in %d×%d×%d", pb ? "B" : "A", M, N, K, M2, N2, K);
+        }
+        free(A); free(B); free(C1); free(C2); free(buf);
+    }
+    check(ok, "sgemm_op: pre-packed operand = the same product packed on the fly, bitwise", detail);
 }
 
 static void run_all(void) {
