@@ -238,11 +238,11 @@ void sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
 #define GEMM_PREFETCH_ROWS 8          // rows of B ahead when packing row by row
 #define GEMM_SERIAL_WORK (1 << 18)    // M·N·K below this runs on the calling thread only
 
-// Microkernel: C[m×n] = alpha·a·b + beta·C for one tile, m <= mr, n <= nr (beta == 0: C is
-// not read). a: mr×kc panel, column k at a + k·mr; b: kc×nr panel, row k at b + k·nr, both
-// 64-byte aligned and zero-padded.
+// Microkernel: C[m×n] = alpha·a·b + beta·C (+ br[i] or + bc[j] when non-NULL: the bias, added
+// after) for one tile, m <= mr, n <= nr (beta == 0: C is not read). a: mr×kc panel, column k at
+// a + k·mr; b: kc×nr panel, row k at b + k·nr, both 64-byte aligned and zero-padded.
 typedef void (*MicroKernel)(int kc, const float* a, const float* b, float* c, int ldc,
-                            float alpha, float beta, int m, int n);
+                            float alpha, float beta, int m, int n, const float* br, const float* bc);
 
 // Packs rows [0, mn) × columns [0, kc) of X(r,k) = x[r·rs + k·cs] into ceil(mn/w) panels:
 // panel q holds X(q·w + r, k) at dst[q·w·kc + k·w + r], zero-padded to w rows. Rows are op(A)'s
@@ -317,23 +317,24 @@ static void pack_im2col_plain(const GemmIm2col* g, int p0, int k0, int mn, int k
 // (alpha·acc + beta·c: two products and a sum), free of target attributes so that no compiler
 // contracts it into an FMA.
 static void tile_update(const float* t, int nr, float* c, int ldc, float alpha, float beta,
-                        int m, int n) {
+                        int m, int n, const float* br, const float* bc) {
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) {
             float* cij = &c[(size_t)i * ldc + j];
-            *cij = beta == 0.0f ? alpha * t[i * nr + j] : alpha * t[i * nr + j] + beta * *cij;
+            float x = beta == 0.0f ? alpha * t[i * nr + j] : alpha * t[i * nr + j] + beta * *cij;
+            *cij = br ? x + br[i] : bc ? x + bc[j] : x;
         }
 }
 
 #define SCALAR_MR 4
 #define SCALAR_NR 8
 static void kernel_scalar(int kc, const float* a, const float* b, float* c, int ldc,
-                          float alpha, float beta, int m, int n) {
+                          float alpha, float beta, int m, int n, const float* br, const float* bc) {
     float t[SCALAR_MR * SCALAR_NR] = {0};
     for (int k = 0; k < kc; k++, a += SCALAR_MR, b += SCALAR_NR)
         for (int i = 0; i < SCALAR_MR; i++)
             for (int j = 0; j < SCALAR_NR; j++) t[i * SCALAR_NR + j] += a[i] * b[j];
-    tile_update(t, SCALAR_NR, c, ldc, alpha, beta, m, n);
+    tile_update(t, SCALAR_NR, c, ldc, alpha, beta, m, n, br, bc);
 }
 
 #if GEMM_X86
@@ -347,7 +348,7 @@ static void kernel_scalar(int kc, const float* a, const float* b, float* c, int 
 // 6×16: 12 ymm accumulators, two B vectors and a broadcast fill 15 of the 16 registers.
 __attribute__((target("avx2,fma")))
 static void kernel_avx2(int kc, const float* a, const float* b, float* c, int ldc,
-                        float alpha, float beta, int m, int n) {
+                        float alpha, float beta, int m, int n, const float* br, const float* bc) {
     __m256 acc[6][2];
     UNROLL
     for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -360,14 +361,14 @@ static void kernel_avx2(int kc, const float* a, const float* b, float* c, int ld
             acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
-    if (m < 6 || n < 16) {
+    if (m < 6 || n < 16 || br || bc) {
         float t[6 * 16];
         UNROLL
         for (int i = 0; i < 6; i++) {
             _mm256_storeu_ps(t + 16 * i, acc[i][0]);
             _mm256_storeu_ps(t + 16 * i + 8, acc[i][1]);
         }
-        tile_update(t, 16, c, ldc, alpha, beta, m, n);
+        tile_update(t, 16, c, ldc, alpha, beta, m, n, br, bc);
         return;
     }
     __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
@@ -395,7 +396,8 @@ static __mmask16 mask16(int n) {          // the first n lanes (0..16)
 // attention, C traffic is the bottleneck).
 __attribute__((target("avx512f"), always_inline))
 static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const float* b,
-                                 float* c, int ldc, float alpha, float beta, int m, int n) {
+                                 float* c, int ldc, float alpha, float beta, int m, int n,
+                                 const float* br, const float* bc) {
     __m512 acc[12][3];
     UNROLL
     for (int i = 0; i < MR; i++) {
@@ -430,6 +432,8 @@ static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const f
             __m512 x = _mm512_mul_ps(va, acc[i][v]);
             if (beta != 0.0f)
                 x = _mm512_add_ps(x, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mk, civ)));
+            if (br) x = _mm512_add_ps(x, _mm512_set1_ps(br[i]));
+            if (bc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, bc + 16 * v));
             _mm512_mask_storeu_ps(civ, mk, x);
         }
     }
@@ -437,14 +441,14 @@ static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const f
 
 __attribute__((target("avx512f")))
 static void kernel_avx512_12x32(int kc, const float* a, const float* b, float* c, int ldc,
-                                float alpha, float beta, int m, int n) {
-    kernel_avx512(12, 2, kc, a, b, c, ldc, alpha, beta, m, n);
+                                float alpha, float beta, int m, int n, const float* br, const float* bc) {
+    kernel_avx512(12, 2, kc, a, b, c, ldc, alpha, beta, m, n, br, bc);
 }
 
 __attribute__((target("avx512f")))
 static void kernel_avx512_8x48(int kc, const float* a, const float* b, float* c, int ldc,
-                               float alpha, float beta, int m, int n) {
-    kernel_avx512(8, 3, kc, a, b, c, ldc, alpha, beta, m, n);
+                               float alpha, float beta, int m, int n, const float* br, const float* bc) {
+    kernel_avx512(8, 3, kc, a, b, c, ldc, alpha, beta, m, n, br, bc);
 }
 
 // r[i] = column i of the 16×16 block whose rows were r[0..15].
@@ -686,7 +690,7 @@ typedef struct Gemm {
     int split_m;          // threads split rows (1) or columns (0) into whole micro-tiles
 } Gemm;
 
-// C[m×n] += bias, while the tile is still in L1 (the same additions as a pass over C afterwards).
+// C[m×n] += bias (K = 0 or alpha = 0; otherwise the microkernel adds it as it stores each tile).
 static void tile_bias(float* c, int ldc, const float* bias, int bias_rows, int m, int n) {
     for (int i = 0; i < m; i++) {
         float* ci = c + (size_t)i * ldc;
@@ -749,9 +753,9 @@ static void gemm_blocked(const Gemm* p, int i0, int i1, int j0, int j1) {
                     for (int ir = 0; ir < mc; ir += mr) {
                         float* c = p->C + (size_t)(ic + ir) * p->ldc + jc + jr;
                         int m = imin(mr, mc - ir), n = imin(nr, nc - jr);
-                        p->kern.fn(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc, c, p->ldc, p->alpha, beta, m, n);
-                        if (p->bias && pc + kc == p->K)
-                            tile_bias(c, p->ldc, p->bias_rows ? p->bias + ic + ir : p->bias + jc + jr, p->bias_rows, m, n);
+                        const float* bias = p->bias && pc + kc == p->K ? p->bias : NULL;   // after the last block
+                        p->kern.fn(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc, c, p->ldc, p->alpha, beta, m, n,
+                                   bias && p->bias_rows ? bias + ic + ir : NULL, bias && !p->bias_rows ? bias + jc + jr : NULL);
                     }
             }
         }

@@ -1189,6 +1189,35 @@ static void bench_gemm(int threads, int size, BenchResult* out) {
     const GemmCase* g = &GEMM_CASES[g_gemm_case];
     bench_gemm_shape(g->M, g->N, g->K, g->transB, out);
 }
+// The UNet's largest attention (level 0 at 64×64 latents: 4096 tokens, 8 heads of 40), batch 2,
+// forward or (batch 1, as in training) backward; FLOPs as sgemm counts them (forward 2 products,
+// backward 7: S and dP are recomputed once per pass).
+static int g_attn_backward;
+static void bench_attention(int threads, int size, BenchResult* out) {
+    (void)threads;
+    int N = g_attn_backward ? 1 : 2, T = (size / 8) * (size / 8), NH = 8, HD = 40, C = NH * HD;
+    size_t n = (size_t)N * T * C;
+    float *q = xmalloc(n * sizeof(float)), *k = xmalloc(n * sizeof(float)), *v = xmalloc(n * sizeof(float));
+    float *o = xmalloc(n * sizeof(float)), *d = xmalloc(n * sizeof(float)), *lse = xmalloc((size_t)N * NH * T * sizeof(float));
+    float *dq = xcalloc(n, sizeof(float)), *dk = xcalloc(n, sizeof(float)), *dv = xcalloc(n, sizeof(float));
+    Rng rng;
+    rng_seed(&rng, 1);
+    rng_normal(&rng, q, n); rng_normal(&rng, k, n); rng_normal(&rng, v, n); rng_normal(&rng, d, n);
+    Arena a = bench_arena();
+    attention_forward(o, lse, q, k, v, N, T, T, NH, HD, C, C, C, C, 0, &a);
+    double f0 = sgemm_flop_count(), t0 = time_now();
+    int reps = 0;
+    do {
+        if (g_attn_backward) attention_backward(dq, dk, dv, d, o, lse, q, k, v, N, T, T, NH, HD, C, C, C, C, 0, &a);
+        else attention_forward(o, lse, q, k, v, N, T, T, NH, HD, C, C, C, C, 0, &a);
+        reps++;
+    } while (time_now() - t0 < 1.0);
+    out->seconds = (time_now() - t0) / reps;
+    out->gflop = (sgemm_flop_count() - f0) / reps / 1e9;
+    free(q); free(k); free(v); free(o); free(d); free(lse); free(dq); free(dk); free(dv);
+    arena_free(&a);
+}
+
 static void bench_peak(int threads, int size, BenchResult* out) {
     (void)size;
     out->gflop = cpu_peak_gflops(threads);
@@ -1197,12 +1226,12 @@ static void bench_peak(int threads, int size, BenchResult* out) {
 
 int cmd_bench(int argc, char** argv) {
     int threads = 0, size = 512;
-    const char* only = "gemm,clip,unet,vae,train,generate";
+    const char* only = "gemm,attention,clip,unet,vae,train,generate";
     const char* weights = NULL;
     Opt opts[] = {{"--threads", OPT_INT, &threads, "worker threads, 0 = all cores"},
                   {"--size", OPT_INT, &size, "image size for UNet/VAE/training (latents size/8)"},
                   {"--weights", OPT_STR, &weights, "fp16: frozen linear/conv weights in fp16; fp32 if unset"},
-                  {"--only", OPT_STR, &only, "comma-separated stages: gemm,clip,unet,vae,train,generate"}};
+                  {"--only", OPT_STR, &only, "comma-separated stages: gemm,attention,clip,unet,vae,train,generate"}};
     parse_opts(argc, argv, "bench", "Time full-size SD 1.5 (random weights, built in memory) and report seconds,\n"
                "GFLOP (counted by sgemm), GFLOP/s, % of this machine's FP32 peak (FMA probe), peak RSS.", opts, NOPTS(opts));
     CHECK(size >= 64 && size <= 2048 && size % 64 == 0, "--size must be a multiple of 64 in [64, 2048]");
@@ -1217,6 +1246,12 @@ int cmd_bench(int argc, char** argv) {
     if (strstr(only, "gemm"))
         for (g_gemm_case = 0; g_gemm_case < (int)(sizeof GEMM_CASES / sizeof *GEMM_CASES); g_gemm_case++)
             bench_row(GEMM_CASES[g_gemm_case].name, threads, bench_in_child(bench_gemm, threads, size), peak);
+    if (strstr(only, "attention"))
+        for (g_attn_backward = 0; g_attn_backward < 2; g_attn_backward++) {
+            snprintf(name, sizeof name, "attention %s %dx8x%dx40 (flash)", g_attn_backward ? "bwd" : "fwd", 2 - g_attn_backward,
+                     (size / 8) * (size / 8));
+            bench_row(name, threads, bench_in_child(bench_attention, threads, size), peak);
+        }
     if (strstr(only, "clip")) bench_row("clip text encoder 2x77", threads, bench_in_child(bench_clip, threads, size), peak);
     if (strstr(only, "unet")) {
         snprintf(name, sizeof name, "unet batch 2, %dx%d latents", size / 8, size / 8);

@@ -46,6 +46,8 @@ typedef struct RowOps {
     void (*affine)(float* out, const float* x, int n, float scale, float shift, int silu);  // (x·scale + shift), SiLU
     double (*sum)(const float* x, size_t n);                  // Σ x, in double
     double (*sqdev)(const float* x, size_t n, double mu);     // Σ (x − mu)², in double
+    void (*gn_back)(float* dx, const float* dout, const float* x, int n, const float* par, int silu, double* sums,
+                    int pass);                                  // see gn_back_plain
     // GEGLU on one row (see geglu_forward): out[f] = v[f]·gelu(g[f]); its gradient dv, dg += ...
     void (*geglu)(float* out, const float* v, const float* g, int F);
     void (*geglu_back)(float* dv, float* dg, const float* d, const float* v, const float* g, int F);
@@ -106,6 +108,22 @@ static double sqdev_plain(const float* x, size_t n, double mu) {
     double s = 0;
     for (size_t i = 0; i < n; i++) { double d = x[i] - mu; s += d * d; }
     return s;
+}
+static float silu_grad(float y) {       // d/dy y·σ(y) = σ(y)·(1 + y·(1 − σ(y)))
+    float s = 1.0f / (1.0f + expf(-y));
+    return s * (1.0f + y * (1.0f - s));
+}
+// One channel row of groupnorm's backward: x̂ = (x − mu)·rs, g = dout·w (times silu'(x̂·w + b) when
+// silu); pass 0 adds Σ g, Σ g·x̂ to sums[0..1], pass 1 adds rs·(g − mg − x̂·mgx) to dx.
+// par = {mu, rs, w, b, mg, mgx}.
+static void gn_back_plain(float* dx, const float* dout, const float* x, int n, const float* par, int silu, double* sums,
+                          int pass) {
+    for (int j = 0; j < n; j++) {
+        float xh = (x[j] - par[0]) * par[1], gk = dout[j] * par[2];
+        if (silu) gk *= silu_grad(xh * par[2] + par[3]);
+        if (pass == 0) { sums[0] += gk; sums[1] += gk * xh; }
+        else dx[j] += par[1] * (gk - par[4] - xh * par[5]);
+    }
 }
 static void affine_plain(float* out, const float* x, int n, float scale, float shift, int silu) {
     if (silu) for (int i = 0; i < n; i++) { float v = x[i] * scale + shift; out[i] = v / (1.0f + expf(-v)); }
@@ -234,6 +252,35 @@ AVX512 static double sqdev_avx512(const float* x, size_t n, double mu) {
     for (; i < n; i++) { double d = x[i] - mu; s += d * d; }
     return s;
 }
+// gn_back_plain 16 at a time; the sums in double lanes (summed in a fixed order at the end).
+AVX512 static void gn_back_avx512(float* dx, const float* dout, const float* x, int n, const float* par, int silu,
+                                  double* sums, int pass) {
+    __m512 mu = _mm512_set1_ps(par[0]), rs = _mm512_set1_ps(par[1]), w = _mm512_set1_ps(par[2]), b = _mm512_set1_ps(par[3]);
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 k = lanes(n - j);
+        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mu), rs);
+        __m512 gk = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, dout + j), w);
+        if (silu) {                        // σ(y)·(1 + y·(1 − σ(y))), y = x̂·w + b
+            __m512 y = _mm512_add_ps(_mm512_mul_ps(xh, w), b);
+            __m512 sg = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), y))));
+            gk = _mm512_mul_ps(gk, _mm512_mul_ps(sg, _mm512_add_ps(one, _mm512_mul_ps(y, _mm512_sub_ps(one, sg)))));
+        }
+        gk = _mm512_maskz_mov_ps(k, gk);
+        if (pass == 0) {
+            __m512 gx = _mm512_mul_ps(gk, xh);
+            s0 = _mm512_add_pd(s0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(gk)),
+                                                 _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(gk), 1)))));
+            s1 = _mm512_add_pd(s1, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(gx)),
+                                                 _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(gx), 1)))));
+        } else {
+            __m512 d = _mm512_sub_ps(_mm512_sub_ps(gk, _mm512_set1_ps(par[4])), _mm512_mul_ps(xh, _mm512_set1_ps(par[5])));
+            _mm512_mask_storeu_ps(dx + j, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, dx + j), _mm512_mul_ps(rs, d)));
+        }
+    }
+    if (pass == 0) { sums[0] += _mm512_reduce_add_pd(s0); sums[1] += _mm512_reduce_add_pd(s1); }
+}
 AVX512 static void affine_avx512(float* out, const float* x, int n, float scale, float shift, int silu) {
     __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), one = _mm512_set1_ps(1.0f);
     for (int i = 0; i < n; i += 16) {
@@ -249,12 +296,13 @@ static RowOps row_ops_chosen;
 static pthread_once_t row_ops_once = PTHREAD_ONCE_INIT;
 
 static void row_ops_choose(void) {
-    RowOps o = {col_softmax_plain, dsoftmax_plain, affine_plain, sum_plain, sqdev_plain, geglu_plain, geglu_back_plain};
+    RowOps o = {col_softmax_plain, dsoftmax_plain, affine_plain, sum_plain, sqdev_plain, gn_back_plain, geglu_plain,
+                geglu_back_plain};
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && !getenv("INSTASTYLE_NO_AVX512"))
-        o = (RowOps){col_softmax_avx512, dsoftmax_avx512, affine_avx512, sum_avx512, sqdev_avx512, geglu_avx512,
-                     geglu_back_avx512};
+        o = (RowOps){col_softmax_avx512, dsoftmax_avx512, affine_avx512, sum_avx512, sqdev_avx512, gn_back_avx512,
+                     geglu_avx512, geglu_back_avx512};
 #endif
     row_ops_chosen = o;
 }
@@ -489,10 +537,6 @@ typedef struct GroupNormBack {
     const float* w; const float* b; int C, HW, G, silu;
 } GroupNormBack;
 
-static float silu_grad(float y) {
-    float s = 1.0f / (1.0f + expf(-y));
-    return s * (1.0f + y * (1.0f - s));
-}
 
 static void groupnorm_backward_groups(void* ctx, int i0, int i1) {
     const GroupNormBack* a = ctx;
@@ -500,22 +544,15 @@ static void groupnorm_backward_groups(void* ctx, int i0, int i1) {
     for (int i = i0; i < i1; i++) {              // i = n·G + g
         int n = i / a->G, g = i % a->G;
         size_t off = ((size_t)n * a->C + (size_t)g * cg) * HW, cnt = (size_t)cg * HW;
-        float mu = a->mean[i], rs = a->rstd[i];
-        double sg = 0, sgx = 0;
-        for (int pass = 0; pass < 2; pass++) {
-            float mg = (float)(sg / (double)cnt), mgx = (float)(sgx / (double)cnt);
+        double sums[2] = {0, 0};                  // Σ g, Σ g·x̂ over the group
+        for (int pass = 0; pass < 2; pass++)
             for (int c = 0; c < cg; c++) {
                 int ch = g * cg + c;
-                float wc = a->w[ch], bc = a->b[ch];
-                for (int j = 0; j < HW; j++) {
-                    size_t k = off + (size_t)c * HW + j;
-                    float xh = (a->x[k] - mu) * rs, gk = a->dout[k] * wc;
-                    if (a->silu) gk *= silu_grad(xh * wc + bc);
-                    if (pass == 0) { sg += gk; sgx += gk * xh; }
-                    else a->dx[k] += rs * (gk - mg - xh * mgx);
-                }
+                float par[6] = {a->mean[i], a->rstd[i], a->w[ch], a->b[ch], (float)(sums[0] / (double)cnt),
+                                (float)(sums[1] / (double)cnt)};
+                size_t k = off + (size_t)c * HW;
+                row_ops()->gn_back(a->dx + k, a->dout + k, a->x + k, HW, par, a->silu, sums, pass);
             }
-        }
     }
 }
 

@@ -18,6 +18,11 @@ run "$bin" invert --model "$model" --image "$out/reference.png" --style watercol
 run "$bin" invert --model "$model" --image "$out/reference2.png" --style "ink drawing" --object tree --size 128 --steps 10 --out "$out/noise2.safetensors"
 # 3. stage 1: candidates and a numbered contact sheet to pick from
 run "$bin" candidates --model "$model" --noise "$out/noise1.safetensors" --style watercolor --steps 10 --out "$out/candidates"
+# 3b. stage 2: learn <style1> + LoRA from the picks (here 30 steps; the paper uses 500)
+run "$bin" refine --model "$model" --picks 1,3,5 --candidates "$out/candidates" --image "$out/reference.png" --object house \
+    --style watercolor --steps 30 --size 128 --out "$out/style1.safetensors"
+run "$bin" generate --model "$model" --trained "$out/style1.safetensors" --noise "$out/noise1.safetensors" --object tram \
+    --style "<style1>" --steps 10 --out "$out/tram-style1.png"
 # 4. inference from the style noise
 run "$bin" generate --model "$model" --noise "$out/noise1.safetensors" --object lighthouse --style watercolor --steps 10 --out "$out/lighthouse.png"
 # 5. two styles: mask-mixed noise and composed guidance

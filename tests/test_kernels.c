@@ -10,6 +10,7 @@
 //     the output's scale: the vector exp is within 2 ulp, sums are float);
 //   GEGLU forward / backward against the erf definition in double (relative 1e-5: the vector
 //     erf is Abramowitz-Stegun 7.1.26, |error| < 1.5e-7);
+//   GroupNorm (+ SiLU) forward / backward against the definition in double;
 //   1 vs 2 threads bitwise for each.
 // The suite runs twice: with the CPU's vector row kernels and, in a child process, with
 // INSTASTYLE_NO_AVX512=1 (the plain loops). The last line is "N passed, M failed".
@@ -310,6 +311,45 @@ static void test_geglu(void) {
     free(proj); free(dout); free(out); free(dproj); free(ro); free(rd);
 }
 
+// ----------------------------------------------------------------------------------------------
+// GroupNorm (+ SiLU)
+
+static void test_groupnorm(void) {
+    int N = 2, C = 6, HW = 133, G = 3, cg = C / G;
+    size_t n = (size_t)N * C * HW;
+    float *x = fill(n, 2.0f), *w = fill(C, 1.0f), *b = fill(C, 0.5f), *dout = fill(n, 1.0f);
+    for (size_t i = 0; i < n; i++) x[i] += 0.7f;                        // a mean away from 0
+    float *y = xmalloc(n * sizeof(float)), *mean = xmalloc(N * G * sizeof(float)), *rstd = xmalloc(N * G * sizeof(float));
+    double *ry = xmalloc(n * sizeof(double)), *rdx = xmalloc(n * sizeof(double));
+    char detail[256] = "", name[96];
+    for (int silu = 0; silu < 2; silu++) {
+        for (int i = 0; i < N * G; i++) {                                 // the definition, in double
+            size_t off = (size_t)i * cg * HW, cnt = (size_t)cg * HW;
+            double mu = 0, var = 0, sg = 0, sgx = 0;
+            for (size_t j = 0; j < cnt; j++) mu += x[off + j];
+            mu /= cnt;
+            for (size_t j = 0; j < cnt; j++) var += (x[off + j] - mu) * (x[off + j] - mu);
+            double rs = 1.0 / sqrt(var / cnt + 1e-5);
+            for (int pass = 0; pass < 2; pass++)
+                for (size_t j = 0; j < cnt; j++) {
+                    int ch = (int)((i % G) * cg + j / HW);
+                    double xh = (x[off + j] - mu) * rs, v = xh * w[ch] + b[ch], s = 1.0 / (1.0 + exp(-v));
+                    double g = dout[off + j] * w[ch] * (silu ? s * (1 + v * (1 - s)) : 1.0);
+                    if (pass == 0) { ry[off + j] = silu ? v * s : v; sg += g; sgx += g * xh; }
+                    else rdx[off + j] = rs * (g - sg / cnt - xh * sgx / cnt);
+                }
+        }
+        float* dx = xcalloc(n, sizeof(float));
+        groupnorm_forward(y, mean, rstd, x, w, b, N, C, HW, G, 1e-5f, silu);
+        groupnorm_backward(dx, dout, x, mean, rstd, w, b, N, C, HW, G, silu);
+        snprintf(name, sizeof name, "groupnorm%s forward and backward = definition", silu ? "+silu" : "");
+        check(close_rel(y, ry, n, 2e-6, detail, sizeof detail) && close_rel(dx, rdx, n, 2e-5, detail, sizeof detail), name,
+              detail);
+        free(dx);
+    }
+    free(x); free(w); free(b); free(dout); free(y); free(mean); free(rstd); free(ry); free(rdx);
+}
+
 static void run_all(void) {
     printf("row kernels: %s\n", getenv("INSTASTYLE_NO_AVX512") ? "plain" : "the CPU's widest");
     arena_init(&g_arena, (size_t)1 << 24);
@@ -317,6 +357,7 @@ static void run_all(void) {
     test_conv();
     test_attention();
     test_geglu();
+    test_groupnorm();
     arena_free(&g_arena);
 }
 
