@@ -25,6 +25,13 @@
 // MC·KC <= 384 KiB, KC·NC <= 4 MiB; prefetching the C tile and the rows being packed matters
 // as much as the blocking (see the kernels).
 //
+// Operands (sgemm_op): besides float matrices, packing reads fp16 matrices (frozen weights under
+// --weights fp16, converted exactly: _mm512_cvtph_ps), the im2col matrix of an image straight from
+// the image (implicit-GEMM convolution; optionally through 2× nearest up-sampling), and operands
+// packed once beforehand (sgemm_pack: attention's K and V of a head). A bias is added by the
+// microkernel as it stores the finished tile. Since only packing differs, each variant gives the
+// bits of sgemm on the materialised fp32 matrix.
+//
 // Reproducibility: each C element is summed over k in KC-blocks, in order, in one register
 // lane, and each block is added to C as alpha·acc + beta·C (beta = 1 after the first block).
 // KC and the microkernel depend only on the shape, and threads take disjoint sets of whole
@@ -37,8 +44,8 @@
 // Built with -fopenmp, the same chunks run on OpenMP's threads instead.
 //
 // Left out: double and complex types, column-major C, sharing one packed B between threads
-// (each thread packs what it uses; the redundancy is 1/M of the work for an M-split), and a
-// transposed microkernel for very narrow C (attention's P·V, N = 40, wastes 1/6 of the lanes).
+// (each thread packs what it uses; the redundancy is 1/M of the work for an M-split), and
+// microkernels for very narrow C (attention computes its products transposed instead).
 #define _POSIX_C_SOURCE 200809L
 #include "instastyle.h"
 
@@ -260,7 +267,7 @@ typedef struct GemmKernel {
 
 typedef struct GemmArch {
     const char* name;
-    PackFn pack;
+    PackFn pack, pack16;       // float and fp16 operands (separate functions: each is compiled for its type)
     PackIm2colFn pack_im2col;
     GemmKernel kernels[2];   // sgemm takes the one that pads C least (the first on a tie)
 } GemmArch;
@@ -420,8 +427,24 @@ static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const f
             for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
         }
     }
-    // Masked loads and stores cover partial tiles; masked-off lanes are never touched.
+    // Masked loads and stores cover partial tiles; masked-off lanes are never touched. The bias
+    // (rare: the last K-block of a layer with one) adds a second pass over the tile in registers.
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    if (br || bc) {
+        UNROLL
+        for (int i = 0; i < MR; i++) {
+            UNROLL
+            for (int v = 0; v < NV; v++) {
+                __mmask16 mk = i < m ? mask16(n - 16 * v) : 0;
+                acc[i][v] = _mm512_mul_ps(va, acc[i][v]);
+                if (beta != 0.0f)
+                    acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mk, c + (size_t)i * ldc + 16 * v)));
+                acc[i][v] = _mm512_add_ps(acc[i][v], br ? _mm512_set1_ps(i < m ? br[i] : 0.0f) : _mm512_maskz_loadu_ps(mk, bc + 16 * v));
+            }
+        }
+        va = _mm512_set1_ps(1.0f);       // alpha is applied: store as it is (1·x is exact)
+        beta = 0.0f;
+    }
     UNROLL
     for (int i = 0; i < MR; i++) {
         UNROLL
@@ -432,8 +455,6 @@ static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const f
             __m512 x = _mm512_mul_ps(va, acc[i][v]);
             if (beta != 0.0f)
                 x = _mm512_add_ps(x, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mk, civ)));
-            if (br) x = _mm512_add_ps(x, _mm512_set1_ps(br[i]));
-            if (bc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, bc + 16 * v));
             _mm512_mask_storeu_ps(civ, mk, x);
         }
     }
@@ -540,8 +561,13 @@ static inline void pack_avx512_any(const void* x, int f16, size_t rs, size_t cs,
 
 __attribute__((target("avx512f")))
 static void pack_avx512(const void* x, int f16, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
-    if (f16) pack_avx512_any(x, 1, rs, cs, mn, kc, w, dst);
-    else pack_avx512_any(x, 0, rs, cs, mn, kc, w, dst);
+    (void)f16;
+    pack_avx512_any(x, 0, rs, cs, mn, kc, w, dst);
+}
+__attribute__((target("avx512f")))
+static void pack16_avx512(const void* x, int f16, size_t rs, size_t cs, int mn, int kc, int w, float* dst) {
+    (void)f16;
+    pack_avx512_any(x, 1, rs, cs, mn, kc, w, dst);
 }
 
 // pack_im2col_plain with vectors, 16 pixels at a time. With stride 1 and the 16 pixels in one
@@ -632,11 +658,11 @@ static void pack_im2col_avx512(const GemmIm2col* g, int p0, int k0, int mn, int 
 // ---------------------------------------------------------------------------------------------
 // kernel choice
 
-static const GemmArch ARCH_SCALAR = {"scalar", pack_panels, pack_im2col_plain,
+static const GemmArch ARCH_SCALAR = {"scalar", pack_panels, pack_panels, pack_im2col_plain,
                                      {{kernel_scalar, SCALAR_MR, SCALAR_NR}}};
 #if GEMM_X86
-static const GemmArch ARCH_AVX2 = {"avx2", pack_panels, pack_im2col_plain, {{kernel_avx2, 6, 16}}};
-static const GemmArch ARCH_AVX512 = {"avx512", pack_avx512, pack_im2col_avx512,
+static const GemmArch ARCH_AVX2 = {"avx2", pack_panels, pack_panels, pack_im2col_plain, {{kernel_avx2, 6, 16}}};
+static const GemmArch ARCH_AVX512 = {"avx512", pack_avx512, pack16_avx512, pack_im2col_avx512,
                                      {{kernel_avx512_12x32, 12, 32}, {kernel_avx512_8x48, 8, 48}}};
 #endif
 static const GemmArch* gemm_arch_chosen;
@@ -713,7 +739,7 @@ static const float* pack_operand(const GemmArch* g, const Operand* o, int r0, in
     }
     size_t off = (size_t)r0 * o->rs + (size_t)k0 * o->cs;
     const void* x = o->f16 ? (const void*)((const uint16_t*)o->x + off) : (const void*)((const float*)o->x + off);
-    g->pack(x, o->f16, o->rs, o->cs, mn, kc, w, dst);
+    (o->f16 ? g->pack16 : g->pack)(x, o->f16, o->rs, o->cs, mn, kc, w, dst);
     return dst;
 }
 

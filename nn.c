@@ -10,7 +10,11 @@
 //
 // Threads split independent outputs only (rows, channels, query blocks), so every output is
 // computed in the same order for any thread count: results are bitwise reproducible.
-// The matrix multiplies all go through sgemm (gemm.c). Norm statistics are accumulated in double.
+// The matrix multiplies all go through sgemm (gemm.c): convolutions as implicit GEMM, frozen
+// weights in fp32 or fp16 (the _f16 variants). Norm statistics are accumulated in double.
+// Row kernels (softmax, norms, GEGLU) have an AVX-512 path chosen at run time and the plain loop
+// beside it (INSTASTYLE_NO_AVX512=1 selects the plain loops; tests/test_kernels.c holds both to
+// the definitions).
 // What is deliberately left out: dropout (inference and SD fine-tuning use p = 0), affine-parameter
 // gradients of norms (all norms are frozen in InstaStyle), bias gradients of frozen layers.
 #include "instastyle.h"

@@ -321,32 +321,22 @@ static const void* load_any(Loader* L, const char* name, int f16, int ndim, ...)
 }
 #define load_tensor(L, name, ...) ((const float*)load_any(L, name, 0, __VA_ARGS__))
 
-// A frozen weight matrix: fp16 under SD_F16 (*w16 set, *w NULL), else fp32.
-static void load_weight(Loader* L, const char* name, int kv32, const float** w, const uint16_t** w16, int ndim,
-                        int d0, int d1, int d2, int d3) {
-    int f16 = L->f16 && !kv32;
-    const void* p = ndim == 2 ? load_any(L, name, f16, 2, d0, d1) : load_any(L, name, f16, 4, d0, d1, d2, d3);
-    *w = f16 ? NULL : p;
-    *w16 = f16 ? p : NULL;
-}
-
-// kv32: the weight stays fp32 under SD_F16 (attn2's to_k / to_v, which training replaces or reads).
+// The frozen weight matrices are fp16 under SD_F16 (w16 set, w NULL), except where kv32: attn2's
+// to_k / to_v stay fp32 (training replaces or reads them).
 static void linear_load(Linear* l, Loader* L, const char* prefix, int in, int out, int bias, int kv32) {
     char n[512];
-    l->in = in;
-    l->out = out;
-    l->dw = NULL;
+    int f16 = L->f16 && !kv32;
     NAMEF(n, "%s.weight", prefix);
-    load_weight(L, n, kv32, &l->w, &l->w16, 2, out, in, 1, 1);
-    l->b = NULL;
+    const void* w = load_any(L, n, f16, 2, out, in);
+    *l = (Linear){f16 ? NULL : w, NULL, in, out, NULL, f16 ? w : NULL};
     if (bias) { NAMEF(n, "%s.bias", prefix); l->b = load_tensor(L, n, 1, out); }
 }
 
 static void conv_load(Conv2d* c, Loader* L, const char* prefix, int in, int out, int k, int stride, int pad_lo, int pad_hi) {
     char n[512];
-    *c = (Conv2d){NULL, NULL, NULL, in, out, k, stride, pad_lo, pad_hi};
     NAMEF(n, "%s.weight", prefix);
-    load_weight(L, n, 0, &c->w, &c->w16, 4, out, in, k, k);
+    const void* w = load_any(L, n, L->f16, 4, out, in, k, k);
+    *c = (Conv2d){L->f16 ? NULL : w, L->f16 ? w : NULL, NULL, in, out, k, stride, pad_lo, pad_hi};
     NAMEF(n, "%s.bias", prefix);
     c->b = load_tensor(L, n, 1, out);
 }
@@ -357,8 +347,9 @@ static void linear_apply(const Linear* l, float* out, const float* inp, int M) {
     if (l->w16) linear_forward_f16(out, inp, l->w16, l->b, M, l->in, l->out);
     else linear_forward(out, inp, l->w, l->b, M, l->in, l->out);
 }
-// dinp[M, in] += dout[M, out]·w (the input gradient only)
+// dinp[M, in] += dout[M, out]·w (the input gradient only; dinp NULL: not wanted)
 static void linear_back(const Linear* l, float* dinp, const float* dout, int M) {
+    if (!dinp) return;
     if (l->w16) linear_backward_f16(dinp, dout, l->w16, M, l->in, l->out);
     else linear_backward(dinp, NULL, NULL, dout, NULL, l->w, M, l->in, l->out);
 }
@@ -552,8 +543,10 @@ static void attn_backward(const Attention* a, const AttnSaved* sv, float* dx, fl
     attention_backward(dq, dk, dv, dO, sv->o, sv->lse, sv->q, sv->k, sv->v, N, Tq, Tk, a->heads, a->head_dim,
                        C, C, C, C, 0, scratch);
     if (dx) linear_back(&a->to_q, dx, dq, (int)Mq);
-    linear_backward(dctx, a->to_k.dw, NULL, dk, sv->ctx, a->to_k.w, (int)Mk, D, C);
-    linear_backward(dctx, a->to_v.dw, NULL, dv, sv->ctx, a->to_v.w, (int)Mk, D, C);
+    linear_back(&a->to_k, dctx, dk, (int)Mk);
+    linear_back(&a->to_v, dctx, dv, (int)Mk);
+    if (a->to_k.dw) linear_backward(NULL, a->to_k.dw, NULL, dk, sv->ctx, a->to_k.w, (int)Mk, D, C);   // trained K/V
+    if (a->to_v.dw) linear_backward(NULL, a->to_v.dw, NULL, dv, sv->ctx, a->to_v.w, (int)Mk, D, C);
     if (a->lora_k) lora_backward(a->lora_k, dctx, dk, sv->hk, sv->ctx, (int)Mk, scratch);
     if (a->lora_v) lora_backward(a->lora_v, dctx, dv, sv->hv, sv->ctx, (int)Mk, scratch);
     arena_reset(scratch, mark);

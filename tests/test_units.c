@@ -136,6 +136,39 @@ static float* unet_output(StableDiffusion* sd, int N, int h, int w, Arena* a) {
     return eps;
 }
 
+// One training step (LoRA or K/V, one added token) on the model in `file`; returns the gradients.
+static float* train_grads(const char* file, const char* dir, int f16, TrainMode mode, size_t* n, Arena* a) {
+    char tok[4096];
+    snprintf(tok, sizeof tok, "%s/tokenizer", dir);
+    StableDiffusion sd;
+    sd_load(&sd, file, tok, dir, SD_TEXT | SD_UNET | SD_TOKENIZER | f16, 0);
+    Rng rng;
+    rng_seed(&rng, 11);
+    int init = 320, N = 1, h = 8, w = 8, C = sd.unet.cfg.in_channels, ts[1] = {500}, ids[CLIP_MAX_LENGTH];
+    TrainParams tp;
+    train_params_init(&tp, &sd, mode, 1, &init, 4, 4.0f, &rng);
+    train_attach(&tp, &sd);
+    for (size_t i = 0; i < tp.n; i++) tp.values[i] += 0.01f * (float)((i * 7919) % 13) - 0.06f;   // LoRA up != 0
+    CHECK(tokenizer_encode(sd.tok, "A cat in the style of <style1>", ids, CLIP_MAX_LENGTH) > 0, "%s", error_last());
+    float* lat = xmalloc((size_t)2 * N * C * h * w * sizeof(float));
+    rng_normal(&rng, lat, (size_t)2 * N * C * h * w);
+    Schedule s;
+    schedule_init(&s, &sd.sched, 1);
+    Arena saved;
+    arena_init(&saved, 1 << 24);
+    TrainBatch b = {N, h, w, lat, lat + (size_t)N * C * h * w, ts, NULL, ids};
+    train_step(&sd, &tp, s.alphas_cumprod, &b, a, &saved);
+    *n = tp.n;
+    float* g = memcpy(xmalloc(tp.n * sizeof(float)), tp.grads, tp.n * sizeof(float));
+    arena_free(&saved);
+    schedule_free(&s);
+    free(lat);
+    train_detach(&tp, &sd);
+    train_params_free(&tp);
+    sd_free(&sd);
+    return g;
+}
+
 static void test_model_files(const char* golden) {
     char dir[4096], ldm[4096], fp16[4096];
     snprintf(dir, sizeof dir, "%s/models/tiny-sd15", golden);
@@ -185,6 +218,16 @@ static void test_model_files(const char* golden) {
     free(got16);
     free(got);
     free(ref);
+    // training through fp16 weights (conv/linear backward-data, attention) = through their conversion
+    for (int mode = 0; mode < 2; mode++) {
+        size_t n32, n16;
+        float* g32 = train_grads(fp16, dir, 0, (TrainMode)mode, &n32, &a);
+        float* g16 = train_grads(fp16, dir, SD_F16, (TrainMode)mode, &n16, &a);
+        check(n32 == n16 && memcmp(g32, g16, n32 * sizeof(float)) == 0, mode ? "K/V training step with SD_F16 = fp32, "
+              "bit for bit" : "LoRA training step with SD_F16 = fp32, bit for bit", "gradients differ");
+        free(g32);
+        free(g16);
+    }
 
     // threads: 1 vs 2, bitwise (UNet at an odd size, VAE decode, CLIP)
     sd_load(&sd, dir, NULL, NULL, SD_UNET | SD_VAE | SD_TEXT, 0);
