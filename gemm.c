@@ -428,7 +428,7 @@ static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const f
         }
     }
     // Masked loads and stores cover partial tiles; masked-off lanes are never touched. The bias
-    // (rare: the last K-block of a layer with one) adds a second pass over the tile in registers.
+    // (the last K-block of a layer with one) has its own copy of the store loop.
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     if (br || bc) {
         UNROLL
@@ -436,14 +436,16 @@ static inline void kernel_avx512(int MR, int NV, int kc, const float* a, const f
             UNROLL
             for (int v = 0; v < NV; v++) {
                 __mmask16 mk = i < m ? mask16(n - 16 * v) : 0;
-                acc[i][v] = _mm512_mul_ps(va, acc[i][v]);
+                if (!mk) continue;
+                float* civ = c + (size_t)i * ldc + 16 * v;
+                __m512 x = _mm512_mul_ps(va, acc[i][v]);
                 if (beta != 0.0f)
-                    acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mk, c + (size_t)i * ldc + 16 * v)));
-                acc[i][v] = _mm512_add_ps(acc[i][v], br ? _mm512_set1_ps(i < m ? br[i] : 0.0f) : _mm512_maskz_loadu_ps(mk, bc + 16 * v));
+                    x = _mm512_add_ps(x, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mk, civ)));
+                x = _mm512_add_ps(x, br ? _mm512_set1_ps(br[i]) : _mm512_maskz_loadu_ps(mk, bc + 16 * v));
+                _mm512_mask_storeu_ps(civ, mk, x);
             }
         }
-        va = _mm512_set1_ps(1.0f);       // alpha is applied: store as it is (1·x is exact)
-        beta = 0.0f;
+        return;
     }
     UNROLL
     for (int i = 0; i < MR; i++) {
@@ -473,8 +475,8 @@ static void kernel_avx512_8x48(int kc, const float* a, const float* b, float* c,
 }
 
 // r[i] = column i of the 16×16 block whose rows were r[0..15].
-__attribute__((target("avx512f")))
-static void transpose16(__m512 r[16]) {
+__attribute__((target("avx512f"), always_inline))
+static inline void transpose16(__m512 r[16]) {
     __m512 t[16];
     UNROLL
     for (int i = 0; i < 8; i++) {

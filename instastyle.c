@@ -278,7 +278,7 @@ static int cmd_info(int argc, char** argv) {
     int comps = SD_TEXT | SD_UNET | SD_VAE | (r.c.tokenizer || path_is_dir(r.c.model) ? SD_TOKENIZER : 0);
     run_load(&r, comps);
     StableDiffusion* sd = &r.sd;
-    printf("model      %s (%s)\n", r.c.model, sd->ldm ? "single-file LDM checkpoint" : "diffusers folder");
+    printf("model      %s (%s)\n", r.c.model, strncmp(r.c.model, "random:", 7) == 0 ? "random weights" : sd->ldm ? "single-file LDM checkpoint" : "diffusers folder");
     for (int i = 0; i < sd->nfiles; i++) {
         int counts[6] = {0};
         for (int k = 0; k < sd->files[i].n; k++) counts[sd->files[i].entries[k].dtype]++;

@@ -152,7 +152,7 @@ void sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
 // packed straight from the image, never stored). Packing is all that differs, so the result
 // equals sgemm on the materialised fp32 matrix bit for bit. bias (NULL: none) is added after the
 // product, bias[i] to row i (bias_rows) or bias[j] to column j: C = alpha·op(A)·op(B) + beta·C + bias,
-// the same additions as a pass over C afterwards, made while each tile is in cache.
+// the same additions as a pass over C afterwards, made by the microkernel as it stores each tile.
 typedef struct GemmIm2col {            // rows k = (c, ky, kx) of C·K·K, columns p = (oy, ox) of Ho·Wo:
     const float* x;                    // X[c, oy·stride − pad + ky, ox·stride − pad + kx], 0 outside, where
     int C, H, W, K, stride, pad, Wo;   // X [C, H, W] = x [C, H/up, W/up] up-sampled by nearest neighbour
@@ -160,8 +160,8 @@ typedef struct GemmIm2col {            // rows k = (c, ky, kx) of C·K·K, colum
 } GemmIm2col;
 // An operand packed once into the microkernel's panels, for many products with it (attention packs
 // a head's K and V once for all of its query blocks): sgemm_pack packs op(A) (is_b = 0) or op(B)
-// of an M×N×K product into buf (sgemm_pack_floats(M, N, K, is_b) floats, 64-byte aligned); a GemmOperand with
-// `packed` set then uses it in place, in any product with the same K and rows (M or N).
+// of an M×N×K product into buf (sgemm_pack_floats(M, N, K, is_b) floats, 64-byte aligned); a
+// GemmOperand with `packed` set then uses it in place, in any product with the same K and rows.
 typedef struct GemmPacked { const float* data; int rows, K, w; } GemmPacked;
 typedef struct GemmOperand {
     const float* f32;
