@@ -195,13 +195,11 @@ static void image_to_latent(Run* r, const char* path, int W, int H, float* laten
     fit = image_center_crop_resize(&img, W, H);
     float* x = xmalloc((size_t)3 * W * H * sizeof(float));
     image_to_nchw(&fit, x);
-    Progress p = progress_start("encode");
     double t0 = time_now();
     vae_encode(&r->sd.vae, latent, NULL, x, 1, H, W, &r->scratch);
     int f = vae_down_factor(&r->sd.vae);
     size_t n = (size_t)r->sd.vae.cfg.latent_channels * (H / f) * (W / f);
     for (size_t i = 0; i < n; i++) latent[i] *= r->sd.vae.cfg.scaling_factor;
-    (void)p;
     if (r->c.verbose) fprintf(stderr, "VAE encode %dx%d: %.2fs\n", W, H, time_now() - t0);
     free(x);
     image_free(&img);

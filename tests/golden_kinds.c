@@ -63,10 +63,9 @@ int kind_vae_encode(Case* c, Outputs* o) {
     StableDiffusion* sd = case_model(c);
     Tensor t;
     const float* img = case_input(c, "in.image", &t);
-    int N = t.shape[0], H = t.shape[2], W = t.shape[3], f = vae_down_factor(&sd->vae), L = sd->vae.cfg.latent_channels;
+    int N = t.shape[0], H = t.shape[2], W = t.shape[3], L = sd->vae.cfg.latent_channels;
     int h = H, w = W;
     for (int i = 1; i < sd->vae.cfg.levels; i++) { h = (h - 2) / 2 + 1; w = (w - 2) / 2 + 1; }
-    (void)f;
     size_t n = (size_t)N * L * h * w;
     float* mean = xmalloc(n * sizeof(float));
     float* logvar = xmalloc(n * sizeof(float));
@@ -107,14 +106,13 @@ int kind_unet(Case* c, Outputs* o) {
     const float* x = case_input(c, "in.sample", &ts);
     const float* t = case_input(c, "in.timestep", NULL);
     const float* ctx = case_input(c, "in.context", &tc);
-    int N = ts.shape[0], C = ts.shape[1], H = ts.shape[2], W = ts.shape[3];
+    int N = ts.shape[0], H = ts.shape[2], W = ts.shape[3];
     float* eps = xmalloc((size_t)N * sd->unet.cfg.out_channels * H * W * sizeof(float));
     sd->unet.tap = unet_tap;
     sd->unet.tap_ctx = o;
     unet_forward(&sd->unet, eps, x, t, ctx, N, H, W, tc.shape[1], scratch());
     sd->unet.tap = NULL;
     out_add4(o, "eps", eps, N, sd->unet.cfg.out_channels, H, W);
-    (void)C;
     free(eps);
     return 0;
 }
