@@ -28,7 +28,23 @@ ifeq ($(CUDA),1)
   NVCC ?= nvcc
   CUDA_ARCH ?= sm_90
   CFLAGS += -DUSE_CUDA
-  LDLIBS += -L$(dir $(shell which $(NVCC)))../lib64 -lcudart_static -ldl -lrt -lstdc++
+  # Where the CUDA runtime library lives differs between NVIDIA's toolkit (next to nvcc) and
+  # distribution packages (/usr/lib/<triplet>); CUDA_LIBDIR overrides the search.
+  NVCC_DIR := $(dir $(shell command -v $(NVCC) 2>/dev/null))
+  CUDA_LIB_CANDIDATES = $(NVCC_DIR)../lib64 $(NVCC_DIR)../targets/x86_64-linux/lib \
+      $(NVCC_DIR)../targets/sbsa-linux/lib /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu
+  CUDART_STATIC := $(firstword $(wildcard $(CUDA_LIB_CANDIDATES:%=%/libcudart_static.a)))
+  CUDART_SHARED := $(firstword $(wildcard $(CUDA_LIB_CANDIDATES:%=%/libcudart.so)))
+  ifneq ($(CUDART_STATIC),)
+    CUDA_LIBDIR ?= $(dir $(CUDART_STATIC))
+    CUDART = -lcudart_static -ldl -lrt
+  else ifneq ($(CUDART_SHARED),)
+    CUDA_LIBDIR ?= $(dir $(CUDART_SHARED))
+    CUDART = -lcudart
+  else
+    CUDART = -lcudart_static -ldl -lrt
+  endif
+  LDLIBS += $(if $(CUDA_LIBDIR),-L$(CUDA_LIBDIR)) $(CUDART) -lstdc++
   CUDA_OBJ = $(BUILD)/nn_cuda.o
 endif
 BUILD ?= build
@@ -39,7 +55,7 @@ ifeq ($(CUDA),1)
   TESTS += $(BUILD)/test_cuda
 endif
 
-.PHONY: all test debug golden bench demo fuzz clean cuda-check cuda-build
+.PHONY: all test debug golden bench demo fuzz clean cuda-check cuda-build cuda-compile cuda-found cuda-libdir
 all: instastyle
 
 $(BUILD)/%.o: %.c instastyle.h | $(BUILD)
@@ -82,6 +98,13 @@ golden: $(BUILD)/run_golden
 # exists; run on a machine with an NVIDIA GPU (see the README).
 cuda-check:
 	$(MAKE) CUDA=1 BUILD=build-cuda cuda-build
+# Only compile nn_cuda.cu (no CUDA runtime library needed); cuda-found says whether one was found.
+cuda-compile:
+	$(MAKE) CUDA=1 BUILD=build-cuda build-cuda/nn_cuda.o
+cuda-found:
+	@$(MAKE) -s CUDA=1 BUILD=build-cuda cuda-libdir
+cuda-libdir:
+	@echo "$(CUDA_LIBDIR)"
 cuda-build: $(BUILD)/instastyle $(TESTS)
 $(BUILD)/instastyle: $(BUILD)/instastyle.o $(OBJ)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
