@@ -29,6 +29,8 @@ const char* error_last(void);
 
 void* xmalloc(size_t n);                     // exits with a message on failure
 void* xcalloc(size_t count, size_t size);
+void* malloc_large(size_t n);                // 64-byte aligned; from 2 MiB up 2 MiB aligned with huge pages advised; NULL if out of memory
+void* xmalloc_large(size_t n);               // the same, exiting with a message on failure (both: free())
 char* xstrdup(const char* s);
 // Checked size arithmetic: return 0 on success, -1 on overflow (result untouched).
 int size_mul(size_t a, size_t b, size_t* out);
