@@ -819,7 +819,22 @@ static void gemm_task(void* ctx, int begin, int end) {
 
 static atomic_ullong gemm_flops;      // 2·M·N·K over all calls
 
-double sgemm_flop_count(void) { return (double)atomic_load(&gemm_flops); }
+double sgemm_flop_count(void) {    // the GPU's GEMM-shaped calls count there
+    return (double)atomic_load(&gemm_flops) + (g_device == DEVICE_CUDA ? cuda_flop_count() : 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// device choice (see instastyle.h)
+
+int g_device = DEVICE_CPU;
+
+void device_select(const char* name) {
+    if (!name) name = getenv("INSTASTYLE_DEVICE");
+    if (!name || !*name || strcmp(name, "cpu") == 0) { g_device = DEVICE_CPU; return; }
+    CHECK(strcmp(name, "cuda") == 0, "unknown device '%s' (expected cpu or cuda)", name);
+    cuda_init();                       // without CUDA=1: exits naming the remedy
+    g_device = DEVICE_CUDA;
+}
 
 static double padded_area(int M, int N, GemmKernel k) {
     return (double)((M + k.mr - 1) / k.mr * k.mr) * ((N + k.nr - 1) / k.nr * k.nr);
@@ -919,6 +934,7 @@ void sgemm(int transA, int transB, int M, int N, int K, float alpha,
     CHECK(ldc >= N && lda >= (transA ? M : K) && ldb >= (transB ? K : N),
           "sgemm: leading dimension too small (M=%d N=%d K=%d lda=%d ldb=%d ldc=%d)",
           M, N, K, lda, ldb, ldc);
+    if (g_device == DEVICE_CUDA) { sgemm_cuda(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); return; }
     sgemm_op(M, N, K, alpha, (GemmOperand){.f32 = A, .ld = lda, .trans = transA}, (GemmOperand){.f32 = B, .ld = ldb, .trans = transB},
              beta, NULL, 0, C, ldc);
 }

@@ -46,6 +46,7 @@ typedef struct Common {
     const char* config;
     const char* trained;
     const char* weights;   // "fp16": frozen weights kept in fp16 (SD_F16); NULL or "fp32": fp32
+    const char* device;    // "cpu", "cuda"; NULL: $INSTASTYLE_DEVICE, else cpu
     int threads, verbose;
 } Common;
 
@@ -116,6 +117,7 @@ static void parse_opts(int argc, char** argv, const char* cmd, const char* summa
     {"--config", OPT_STR, &(c).config, "diffusers folder whose config.json files describe a single file"}, \
     {"--weights", OPT_STR, &(c).weights, "fp16: keep linear/conv weights in fp16 (half the memory); fp32 if unset"}, \
     {"--threads", OPT_INT, &(c).threads, "worker threads, 0 = all cores"}, \
+    {"--device", OPT_STR, &(c).device, "cpu or cuda (a build with make CUDA=1); default $INSTASTYLE_DEVICE, else cpu"}, \
     {"-v", OPT_FLAG, &(c).verbose, "verbose: loading details, arena peaks"}
 
 static void need_model(const Common* c, const char* cmd) {
@@ -164,6 +166,7 @@ static int weights_flag(const char* w) {
 
 static void run_load(Run* r, int components) {
     threads_init(r->c.threads);
+    device_select(r->c.device);
     sd_load(&r->sd, r->c.model, r->c.tokenizer, r->c.config, components | weights_flag(r->c.weights), r->c.verbose);
     // One large chunk (pages are touched only as used): the UNet's and the VAE's working sets reuse
     // the same memory instead of leaving chunks of mismatched sizes behind (peak RSS).
@@ -1036,6 +1039,7 @@ int cmd_refine(int argc, char** argv) {
 typedef struct BenchResult { double seconds, gflop; long rss_kb; int ok; } BenchResult;
 typedef void (*BenchFn)(int threads, int size, BenchResult* out);
 static int g_bench_f16;      // SD_F16 when --weights fp16
+static const char* g_bench_device;   // --device (selected in each child: a CUDA context does not survive fork)
 
 // Runs fn(ctx) for at least a second (and 5 calls) after one warm-up call and reports the median
 // call: the machine may be shared, and a median ignores the calls another process interrupted
@@ -1171,6 +1175,7 @@ static BenchResult bench_in_child(BenchFn fn, int threads, int size) {
     if (pid == 0) {
         close(fd[0]);
         threads_init(threads);
+        device_select(g_bench_device);
         BenchResult c = {0, 0, 0, 1};
         fn(threads, size, &c);
         struct rusage ru;
@@ -1275,7 +1280,12 @@ static void bench_attention(int threads, int size, BenchResult* out) {
 
 static void bench_peak(int threads, int size, BenchResult* out) {
     (void)size;
-    out->gflop = cpu_peak_gflops(threads);
+    if (g_device == DEVICE_CUDA) {
+        printf("device: %s, GEMM arithmetic %s\n", cuda_device_name(), cuda_gemm_mode());
+        fflush(stdout);
+        out->gflop = cuda_peak_gflops();
+    } else
+        out->gflop = cpu_peak_gflops(threads);
     out->seconds = 1.0;
 }
 
@@ -1284,6 +1294,7 @@ int cmd_bench(int argc, char** argv) {
     const char* only = "gemm,conv,attention,clip,unet,vae,train,generate";
     const char* weights = NULL;
     Opt opts[] = {{"--threads", OPT_INT, &threads, "worker threads, 0 = all cores"},
+                  {"--device", OPT_STR, &g_bench_device, "cpu or cuda (make CUDA=1); default $INSTASTYLE_DEVICE, else cpu"},
                   {"--size", OPT_INT, &size, "image size for UNet/VAE/training (latents size/8)"},
                   {"--weights", OPT_STR, &weights, "fp16: frozen linear/conv weights in fp16; fp32 if unset"},
                   {"--only", OPT_STR, &only, "comma-separated stages: gemm,conv,attention,clip,unet,vae,train,generate"}};
@@ -1293,9 +1304,12 @@ int cmd_bench(int argc, char** argv) {
     g_bench_f16 = weights_flag(weights);
     if (threads <= 0) threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     BenchResult pk = bench_in_child(bench_peak, threads, size);
+    CHECK(pk.ok, "bench: the peak probe failed on this device (see the message above)");
     double peak = pk.gflop;
-    printf("instastyle bench: %d thread(s), sgemm kernel %s, %s weights, FP32 peak by FMA probe %.1f GFLOP/s\n", threads,
-           sgemm_kernel_name(), g_bench_f16 ? "fp16" : "fp32", peak);
+    const char* dev = g_bench_device ? g_bench_device : getenv("INSTASTYLE_DEVICE");
+    int on_gpu = dev && strcmp(dev, "cuda") == 0;
+    printf("instastyle bench: %d thread(s), %s, %s weights, %s FP32 peak by FMA probe %.1f GFLOP/s\n", threads,
+           on_gpu ? "CUDA kernels" : sgemm_kernel_name(), g_bench_f16 ? "fp16" : "fp32", on_gpu ? "GPU" : "CPU", peak);
     printf("%-40s %3s  %8s  %9s  %8s  %6s  %8s\n", "stage", "thr", "seconds", "GFLOP", "GFLOP/s", "peak", "RSS MiB");
     char name[64];
     if (strstr(only, "gemm"))

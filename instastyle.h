@@ -191,6 +191,14 @@ void parallel_for(int n, void (*fn)(void* ctx, int begin, int end), void* ctx);
 // (independent FMA chains in the widest vector unit the CPU has).
 double cpu_peak_gflops(int threads);
 
+// Where the hot kernels run. DEVICE_CUDA needs a build with CUDA=1 (nn_cuda.cu): each kernel
+// that has a twin <op>_cuda (section nn_cuda.cu below) hands its call over in its first line.
+// device_select: "cpu", "cuda", or NULL for $INSTASTYLE_DEVICE (unset: cpu); an unknown name, or
+// cuda in a build without it, exits with a message. Call it after threads_init, before loading.
+typedef enum { DEVICE_CPU = 0, DEVICE_CUDA = 1 } Device;
+extern int g_device;
+void device_select(const char* name);
+
 // ---------------------------------------------------------------------------------------------
 // nn.c: kernels, each forward with its backward (layouts, argument order: see nn.c's opening)
 // ---------------------------------------------------------------------------------------------
@@ -636,6 +644,41 @@ void image_draw_text(Image* img, int x, int y, const char* text, int scale,
 // finds candidate `number`, copies its object and file name. 0, or -1 + error_last() (absent,
 // malformed, or a file name that leaves the folder).
 int manifest_lookup(const char* text, size_t len, long number, char* object, size_t ocap, char* file, size_t fcap);
+
+// ---------------------------------------------------------------------------------------------
+// nn_cuda.cu: the GPU twins (make CUDA=1; without it each entry point exits with a message).
+// Same parameters and semantics as the CPU functions; host pointers in and out.
+// ---------------------------------------------------------------------------------------------
+
+void cuda_init(void);                                   // picks device 0, reads INSTASTYLE_CUDA_GEMM
+void cuda_shutdown(void);
+void cuda_weights_frozen(const float* w, size_t n);     // w (n floats) never changes: upload once, cache
+void cuda_weights_release(void);                        // forget every cached weight (sd_free)
+const char* cuda_device_name(void);
+const char* cuda_gemm_mode(void);                       // "fp32", "3xtf32", "tf32"
+double cuda_peak_gflops(void);                          // FP32 FMA probe on the GPU
+size_t cuda_peak_bytes(void);                           // device memory high-water mark
+long cuda_calls(void);                                  // <op>_cuda calls so far
+double cuda_flop_count(void);                           // 2·M·N·K of the GEMM-shaped calls so far
+void sgemm_cuda(int transA, int transB, int M, int N, int K, float alpha, const float* A, int lda,
+                const float* B, int ldb, float beta, float* C, int ldc);
+void linear_forward_cuda(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT);
+void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
+                         int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
+void conv2d_forward_up2_cuda(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
+                             int C, int H, int W, int OC, int K, int pad);
+void conv2d_backward_input_cuda(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
+                                int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
+void groupnorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
+                            const float* b, int N, int C, int HW, int G, float eps, int silu);
+void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
+                            const float* b, int M, int C, float eps);
+void attention_forward_cuda(float* out, float* lse, const float* q, const float* k, const float* v,
+                            int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
+                            int causal, Arena* scratch);
+void attention_backward_cuda(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                             const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
+                             int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch);
 
 #ifdef __cplusplus
 }

@@ -330,6 +330,7 @@ static void linear_run(float* out, const float* inp, GemmOperand w, const float*
     sgemm_op(M, OUT, IN, 1.0f, matrix(inp, IN, 0), w, 0.0f, b, 0, out, OUT);
 }
 void linear_forward(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT) {
+    if (g_device == DEVICE_CUDA) { linear_forward_cuda(out, inp, w, b, M, IN, OUT); return; }
     linear_run(out, inp, weight(w, NULL, IN, 1), b, M, IN, OUT);
 }
 void linear_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int M, int IN, int OUT) {
@@ -375,7 +376,7 @@ static void conv_run(float* out, const float* inp, GemmOperand w, const float* b
 
 void conv2d_forward(float* out, const float* inp, const float* w, const float* b, int N, int C,
                     int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
-    (void)scratch;
+    if (g_device == DEVICE_CUDA) { conv2d_forward_cuda(out, inp, w, b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch); return; }
     conv_run(out, inp, weight(w, NULL, C * K * K, 0), b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, 1);
 }
 void conv2d_forward_f16(float* out, const float* inp, const uint16_t* w, const float* b, int N, int C,
@@ -386,6 +387,7 @@ void conv2d_forward_f16(float* out, const float* inp, const uint16_t* w, const f
 // the up-sampled image is never stored (the decoder's 512² up-sampling would take 256 MiB).
 void conv2d_forward_up2(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
                         int C, int H, int W, int OC, int K, int pad) {
+    if (g_device == DEVICE_CUDA && !w16) { conv2d_forward_up2_cuda(out, inp, w, w16, b, N, C, H, W, OC, K, pad); return; }
     conv_run(out, inp, weight(w, w16, C * K * K, 0), b, N, C, H, W, OC, K, 1, pad, pad, 2);
 }
 
@@ -489,6 +491,10 @@ static void conv_backward_run(float* dinp, const float* dout, const float* w, co
 
 void conv2d_backward_input(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
                            int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    if (g_device == DEVICE_CUDA) {
+        conv2d_backward_input_cuda(dinp, dout, w, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
+        return;
+    }
     conv_backward_run(dinp, dout, w, NULL, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
 }
 void conv2d_backward_input_f16(float* dinp, const float* dout, const uint16_t* w, int N, int C, int H, int W,
@@ -529,6 +535,7 @@ static void groupnorm_groups(void* ctx, int i0, int i1) {
 
 void groupnorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
                        const float* b, int N, int C, int HW, int G, float eps, int silu) {
+    if (g_device == DEVICE_CUDA) { groupnorm_forward_cuda(out, mean, rstd, x, w, b, N, C, HW, G, eps, silu); return; }
     GroupNormArgs a = {out, mean, rstd, x, w, b, C, HW, G, silu, eps};
     parallel_for(N * G, groupnorm_groups, &a);
 }
@@ -591,6 +598,7 @@ static void layernorm_rows(void* ctx, int m0, int m1) {    // threads split the 
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w,
                        const float* b, int M, int C, float eps) {
+    if (g_device == DEVICE_CUDA) { layernorm_forward_cuda(out, mean, rstd, x, w, b, M, C, eps); return; }
     LayerNormArgs a = {out, mean, rstd, x, w, b, C, eps};
     parallel_for_work(M, (size_t)M * C * 8, layernorm_rows, &a);
 }
@@ -765,6 +773,10 @@ static void attention_worker(void* ctx, int w0, int w1) {
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
                        int causal, Arena* scratch) {
+    if (g_device == DEVICE_CUDA) {
+        attention_forward_cuda(out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal, scratch);
+        return;
+    }
     AttnArgs a = {out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal,
                   1.0f / sqrtf((float)HD), NULL, 0, 0, 0};
     a.tasks = N * NH * ((Tq + ATT_B - 1) / ATT_B);
@@ -897,6 +909,10 @@ static void attention_back_rows(void* ctx, int r0, int r1) {
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                         const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
                         int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch) {
+    if (g_device == DEVICE_CUDA) {
+        attention_backward_cuda(dq, dk, dv, dout, out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal, scratch);
+        return;
+    }
     AttnBack a = {dq, dk, dv, dout, out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal,
                   1.0f / sqrtf((float)HD), NULL, NULL, 0, 0, 0, 0};
     size_t mark = arena_mark(scratch);
@@ -1011,3 +1027,62 @@ void timestep_embedding(float* out, const float* t, int N, int dim, int flip_sin
         if (dim % 2) o[dim - 1] = 0.0f;
     }
 }
+
+#ifndef USE_CUDA
+// ----------------------------------------------------------------------------------------------
+// CUDA stubs (make CUDA=1 builds nn_cuda.cu instead)
+
+__attribute__((noreturn)) static void no_cuda(const char* fn, ...) {
+    fprintf(stderr, "error: %s: built without CUDA: rebuild with make CUDA=1\n", fn);
+    exit(1);
+}
+
+void cuda_init(void) { no_cuda("cuda_init"); }
+void cuda_shutdown(void) { no_cuda("cuda_shutdown"); }
+void cuda_weights_frozen(const float* w, size_t n) { no_cuda("cuda_weights_frozen", w, n); }
+void cuda_weights_release(void) { no_cuda("cuda_weights_release"); }
+const char* cuda_device_name(void) { no_cuda("cuda_device_name"); }
+const char* cuda_gemm_mode(void) { no_cuda("cuda_gemm_mode"); }
+double cuda_peak_gflops(void) { no_cuda("cuda_peak_gflops"); }
+size_t cuda_peak_bytes(void) { no_cuda("cuda_peak_bytes"); }
+long cuda_calls(void) { no_cuda("cuda_calls"); }
+double cuda_flop_count(void) { no_cuda("cuda_flop_count"); }
+void sgemm_cuda(int transA, int transB, int M, int N, int K, float alpha, const float* A, int lda,
+                const float* B, int ldb, float beta, float* C, int ldc) {
+    no_cuda("sgemm_cuda", transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void linear_forward_cuda(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT) {
+    no_cuda("linear_forward_cuda", out, inp, w, b, M, IN, OUT);
+}
+void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
+                         int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    no_cuda("conv2d_forward_cuda", out, inp, w, b, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
+}
+void conv2d_forward_up2_cuda(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
+                             int C, int H, int W, int OC, int K, int pad) {
+    no_cuda("conv2d_forward_up2_cuda", out, inp, w, w16, b, N, C, H, W, OC, K, pad);
+}
+void conv2d_backward_input_cuda(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
+                                int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch) {
+    no_cuda("conv2d_backward_input_cuda", dinp, dout, w, N, C, H, W, OC, K, stride, pad_lo, pad_hi, scratch);
+}
+void groupnorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
+                            const float* b, int N, int C, int HW, int G, float eps, int silu) {
+    no_cuda("groupnorm_forward_cuda", out, mean, rstd, x, w, b, N, C, HW, G, eps, silu);
+}
+void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
+                            const float* b, int M, int C, float eps) {
+    no_cuda("layernorm_forward_cuda", out, mean, rstd, x, w, b, M, C, eps);
+}
+void attention_forward_cuda(float* out, float* lse, const float* q, const float* k, const float* v,
+                            int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
+                            int causal, Arena* scratch) {
+    no_cuda("attention_forward_cuda", out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo, causal, scratch);
+}
+void attention_backward_cuda(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
+                             const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
+                             int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch) {
+    no_cuda("attention_backward_cuda", dq, dk, dv, dout, out, lse, q, k, v, N, Tq, Tk, NH, HD, ldq, ldk, ldv, ldo,
+            causal, scratch);
+}
+#endif

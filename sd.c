@@ -329,6 +329,7 @@ static void linear_load(Linear* l, Loader* L, const char* prefix, int in, int ou
     NAMEF(n, "%s.weight", prefix);
     const void* w = load_any(L, n, f16, 2, out, in);
     *l = (Linear){f16 ? NULL : w, NULL, in, out, NULL, f16 ? w : NULL};
+    if (g_device == DEVICE_CUDA && !f16 && !kv32) cuda_weights_frozen(w, (size_t)in * out);   // (kv32: training may change it)
     if (bias) { NAMEF(n, "%s.bias", prefix); l->b = load_tensor(L, n, 1, out); }
 }
 
@@ -337,6 +338,7 @@ static void conv_load(Conv2d* c, Loader* L, const char* prefix, int in, int out,
     NAMEF(n, "%s.weight", prefix);
     const void* w = load_any(L, n, L->f16, 4, out, in, k, k);
     *c = (Conv2d){L->f16 ? NULL : w, L->f16 ? w : NULL, NULL, in, out, k, stride, pad_lo, pad_hi};
+    if (g_device == DEVICE_CUDA && !L->f16) cuda_weights_frozen(w, (size_t)out * in * k * k);
     NAMEF(n, "%s.bias", prefix);
     c->b = load_tensor(L, n, 1, out);
 }
@@ -1611,6 +1613,7 @@ void sd_build_random(StableDiffusion* sd, int components, uint64_t seed) {
 }
 
 void sd_free(StableDiffusion* sd) {
+    if (g_device == DEVICE_CUDA) cuda_weights_release();    // the cache is keyed by the pointers freed below
     for (int i = 0; i < sd->nowned; i++) free(sd->owned[i]);
     free(sd->owned);
     for (int i = 0; i < sd->nfiles; i++) st_close(&sd->files[i]);

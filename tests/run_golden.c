@@ -238,6 +238,7 @@ int main(int argc, char** argv) {
         else { fprintf(stderr, "usage: run_golden [DIR] [-k SUBSTRING] [--threads N] [-v]\n"); return 2; }
     }
     threads_init(threads);
+    device_select(NULL);          // INSTASTYLE_DEVICE=cuda (make golden DEVICE=cuda) runs the GPU twins
     char cases_dir[4200];
     snprintf(cases_dir, sizeof cases_dir, "%s/cases", root);
     DIR* d = opendir(cases_dir);

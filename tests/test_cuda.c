@@ -30,38 +30,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-// ---- until instastyle.h declares them (then delete this block; the weak g_device gives way to
-// ---- the real definition as soon as one exists)
-extern int g_device;
-int g_device __attribute__((weak)) = 0;
-enum { TEST_DEVICE_CPU = 0, TEST_DEVICE_CUDA = 1 };     // DEVICE_CPU, DEVICE_CUDA
-void cuda_init(void);
-void cuda_shutdown(void);
-void cuda_weights_frozen(const float* w, size_t n);
-void cuda_weights_release(void);
-const char* cuda_device_name(void);
-const char* cuda_gemm_mode(void);
-long cuda_calls(void);
-void sgemm_cuda(int transA, int transB, int M, int N, int K, float alpha, const float* A, int lda,
-                const float* B, int ldb, float beta, float* C, int ldc);
-void linear_forward_cuda(float* out, const float* inp, const float* w, const float* b, int M, int IN, int OUT);
-void conv2d_forward_cuda(float* out, const float* inp, const float* w, const float* b, int N, int C,
-                         int H, int W, int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
-void conv2d_forward_up2_cuda(float* out, const float* inp, const float* w, const uint16_t* w16, const float* b, int N,
-                             int C, int H, int W, int OC, int K, int pad);
-void conv2d_backward_input_cuda(float* dinp, const float* dout, const float* w, int N, int C, int H, int W,
-                                int OC, int K, int stride, int pad_lo, int pad_hi, Arena* scratch);
-void groupnorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
-                            const float* b, int N, int C, int HW, int G, float eps, int silu);
-void layernorm_forward_cuda(float* out, float* mean, float* rstd, const float* x, const float* w,
-                            const float* b, int M, int C, float eps);
-void attention_forward_cuda(float* out, float* lse, const float* q, const float* k, const float* v,
-                            int N, int Tq, int Tk, int NH, int HD, int ldq, int ldk, int ldv, int ldo,
-                            int causal, Arena* scratch);
-void attention_backward_cuda(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
-                             const float* q, const float* k, const float* v, int N, int Tq, int Tk, int NH, int HD,
-                             int ldq, int ldk, int ldv, int ldo, int causal, Arena* scratch);
-// ---- end
 
 enum { RUN_CPU, RUN_DIRECT, RUN_DISPATCH };
 static int g_pass, g_fail, g_small;
@@ -93,8 +61,8 @@ static float* absdup(const float* x, size_t n) {
 #define RUN_OP(how, op, ...)                                                                      \
     do {                                                                                          \
         if ((how) == RUN_DIRECT) op##_cuda(__VA_ARGS__);                                          \
-        else { g_device = (how) == RUN_DISPATCH ? TEST_DEVICE_CUDA : TEST_DEVICE_CPU; op(__VA_ARGS__); } \
-        g_device = TEST_DEVICE_CPU;                                                               \
+        else { g_device = (how) == RUN_DISPATCH ? DEVICE_CUDA : DEVICE_CPU; op(__VA_ARGS__); } \
+        g_device = DEVICE_CPU;                                                               \
     } while (0)
 
 // One output of a case: buffer (written by run), size, and its tolerance: per-element bound
