@@ -1372,8 +1372,13 @@ static void usage(FILE* f) {
                "usage: instastyle <command> [options]   (instastyle <command> --help for its options)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) fprintf(f, "  %-11s %s\n", COMMANDS[i].name, COMMANDS[i].help);
     fprintf(f, "\ncommon options: --model PATH (diffusers folder or single-file .safetensors), --tokenizer DIR,\n"
-               "  --config DIR, --weights fp16 (half the memory), --threads N [0 = all cores], -v\n"
+               "  --config DIR, --weights fp16 (half the memory), --threads N [0 = all cores], --device cpu|cuda, -v\n"
                "  (--model random:sd15 --tokenizer DIR: full-size SD 1.5 with random weights, for timing and memory)\n"
+#ifdef USE_CUDA
+               "devices in this build: cpu, cuda\n"
+#else
+               "devices in this build: cpu (cuda: rebuild with make CUDA=1)\n"
+#endif
                "\nthe method: invert -> candidates -> (pick) -> refine -> invert/generate with --trained; mix for two styles\n");
 }
 

@@ -88,6 +88,11 @@ expect_error "steps zero" "$bin" generate --model "$model" --prompt x --steps 0
 expect_error "steps too many" "$bin" generate --model "$model" --prompt x --steps 5000
 expect_error "size not multiple of 8" "$bin" generate --model "$model" --prompt x --size 65
 expect_error "absurd size" "$bin" generate --model "$model" --prompt x --size 100000
+expect_error "unknown device" "$bin" info --model "$model" --device tpu
+expect_error "unknown device in the environment" env INSTASTYLE_DEVICE=tpu "$bin" info --model "$model"
+if "$bin" --help 2>&1 | grep -q "^devices in this build: cpu ("; then    # a CPU build: --device cuda names the remedy
+    expect_error "cuda device in a cpu build" "$bin" info --model "$model" --device cuda
+fi
 expect_error "no prompt" "$bin" generate --model "$model" --steps 2
 expect_error "invalid utf-8 prompt" "$bin" generate --model "$model" --prompt $'a \xff\xfe cat' --size 64 --steps 2 --out "$tmp/x.png"
 expect_error "tokenize invalid utf-8" "$bin" tokenize --model "$model" --prompt $'\xc3\x28'
