@@ -290,7 +290,8 @@ typedef struct UNetConfig {
     int in_channels, out_channels, levels, block_out[SD_MAX_LEVELS], layers_per_block;
     int down_attn[SD_MAX_LEVELS], up_attn[SD_MAX_LEVELS];   // Cross-attention block or plain
     int heads[SD_MAX_LEVELS];        // per level (diffusers' attention_head_dim quirk resolved)
-    int cross_dim, groups, transformer_layers, use_linear_projection, flip_sin_to_cos;
+    int tlayers[SD_MAX_LEVELS];      // transformer blocks per Transformer2D of each down level
+    int cross_dim, groups, use_linear_projection, flip_sin_to_cos;
     float eps, freq_shift;
     int time_dim;                    // 4 · block_out[0]
 } UNetConfig;

@@ -119,7 +119,6 @@ static void unet_config_read(UNetConfig* c, const Json* j) {
     c->cross_dim = cfg_int(j, "cross_attention_dim", 768, 1, 1 << 16, w);
     c->groups = cfg_int(j, "norm_num_groups", 32, 1, 1 << 14, w);
     c->eps = cfg_float(j, "norm_eps", 1e-5f, w);
-    c->transformer_layers = cfg_int(j, "transformer_layers_per_block", 1, 1, 16, w);
     c->flip_sin_to_cos = (int)json_get_number(j, "flip_sin_to_cos", 1);
     c->freq_shift = cfg_float(j, "freq_shift", 0, w);
     const Json* lin = json_get(j, "use_linear_projection");
@@ -129,6 +128,14 @@ static void unet_config_read(UNetConfig* c, const Json* j) {
     const Json* nh = json_get(j, "num_attention_heads");
     cfg_int_list(j, nh && nh->type != JSON_NULL ? "num_attention_heads" : "attention_head_dim",
                  c->heads, c->levels, 1, 1 << 12, w);
+    // transformer_layers_per_block: an int for every level or one per down level (diffusers: the mid
+    // block takes the last, up level i the down level it mirrors); absent means 1.
+    const Json* tl = json_get(j, "transformer_layers_per_block");
+    if (!tl || tl->type == JSON_NULL) for (int i = 0; i < c->levels; i++) c->tlayers[i] = 1;
+    else CHECK(cfg_int_list(j, "transformer_layers_per_block", c->tlayers, c->levels, 1, 16, w) == c->levels,
+               "unet config: 'transformer_layers_per_block' must list %d levels", c->levels);
+    const Json* rtl = json_get(j, "reverse_transformer_layers_per_block");
+    CHECK(!rtl || rtl->type == JSON_NULL, "unet config: 'reverse_transformer_layers_per_block' is not supported (SD 1.5 has none)");
     const Json* down = json_get(j, "down_block_types");
     const Json* up = json_get(j, "up_block_types");
     CHECK(down && down->type == JSON_ARRAY && down->count == c->levels && up && up->type == JSON_ARRAY &&
@@ -559,10 +566,11 @@ static void attn_backward(const Attention* a, const AttnSaved* sv, float* dx, fl
 // h = proj_in(GroupNorm(x)) as tokens (N, HW, C); per block: h += attn1(LN1(h));
 // h += attn2(LN2(h), ctx); h += ff_out(GEGLU(ff_proj(LN3(h)))); out = x + proj_out(h).
 
-static void transformer_load(Transformer2D* t, Loader* L, const char* prefix, int C, int heads, const UNetConfig* cfg) {
+static void transformer_load(Transformer2D* t, Loader* L, const char* prefix, int C, int heads, int nblocks,
+                             const UNetConfig* cfg) {
     char n[512];
     t->C = C;
-    t->nblocks = cfg->transformer_layers;
+    t->nblocks = nblocks;
     t->blocks = xcalloc((size_t)t->nblocks, sizeof(TransformerBlock));
     NAMEF(n, "%s.norm", prefix); norm_load(&t->norm, L, n, C, cfg->groups, 1e-6f);
     NAMEF(n, "%s.proj_in", prefix); linear_load(&t->proj_in, L, n, C, C, 1, 0);
@@ -703,7 +711,7 @@ static void unet_load(UNet* u, Loader* L) {
             resblock_load(&lv->res[j], L, p, j ? lv->out : lv->in, lv->out, td, c->groups, c->eps);
             if (lv->has_attn) {
                 NAMEF(p, "down_blocks.%d.attentions.%d", i, j);
-                transformer_load(&lv->attn[j], L, p, lv->out, c->heads[i], c);
+                transformer_load(&lv->attn[j], L, p, lv->out, c->heads[i], c->tlayers[i], c);
             }
         }
         if (lv->has_sampler) {
@@ -714,7 +722,7 @@ static void unet_load(UNet* u, Loader* L) {
     int top = c->block_out[c->levels - 1];
     u->mid = (Level){.nres = 2, .has_attn = 1, .in = top, .out = top};
     resblock_load(&u->mid.res[0], L, "mid_block.resnets.0", top, top, td, c->groups, c->eps);
-    transformer_load(&u->mid.attn[0], L, "mid_block.attentions.0", top, c->heads[c->levels - 1], c);
+    transformer_load(&u->mid.attn[0], L, "mid_block.attentions.0", top, c->heads[c->levels - 1], c->tlayers[c->levels - 1], c);
     resblock_load(&u->mid.res[1], L, "mid_block.resnets.1", top, top, td, c->groups, c->eps);
     for (int i = 0; i < c->levels; i++) {      // up: lpb+1 resnets on [h, skip] (+ transformers), upsampler
         Level* lv = &u->up[i];
@@ -733,7 +741,7 @@ static void unet_load(UNet* u, Loader* L) {
             resblock_load(&lv->res[j], L, p, res_in + res_skip, lv->out, td, c->groups, c->eps);
             if (lv->has_attn) {
                 NAMEF(p, "up_blocks.%d.attentions.%d", i, j);
-                transformer_load(&lv->attn[j], L, p, lv->out, c->heads[r], c);
+                transformer_load(&lv->attn[j], L, p, lv->out, c->heads[r], c->tlayers[r], c);
             }
         }
         if (lv->has_sampler) {
@@ -1551,13 +1559,14 @@ static void tokenizer_for(StableDiffusion* sd, const char* path, const char* tok
 }
 
 #define SD_RANDOM_MODEL "random:sd15"
+static void build_random(StableDiffusion* sd, int components, uint64_t seed, const char* config_dir);
 
 void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, const char* config_dir,
              int components, int verbose) {
     if (strcmp(path, SD_RANDOM_MODEL) == 0) {
         CHECK(tokenizer_dir || !(components & SD_TOKENIZER), "%s has no tokenizer. Hint: pass --tokenizer DIR (a folder "
               "with vocab.json and merges.txt, e.g. the tokenizer/ folder of a diffusers model)", path);
-        sd_build_random(sd, components, 1);
+        build_random(sd, components, 1, config_dir);
         if (components & SD_TOKENIZER) tokenizer_for(sd, path, tokenizer_dir);
         sd->loaded = components & ~SD_F16;
         return;
@@ -1600,17 +1609,21 @@ void sd_load(StableDiffusion* sd, const char* path, const char* tokenizer_dir, c
     sd->loaded = components & ~SD_F16;
 }
 
-void sd_build_random(StableDiffusion* sd, int components, uint64_t seed) {
+// Random weights for SD 1.5's configs, or for those of config_dir (a diffusers folder) when set.
+static void build_random(StableDiffusion* sd, int components, uint64_t seed, const char* config_dir) {
     memset(sd, 0, sizeof *sd);
     sd->path = xstrdup(SD_RANDOM_MODEL);
     sd->f16 = (components & SD_F16) != 0;
     sd_default_configs(&sd->clip.cfg, &sd->unet.cfg, &sd->vae.cfg, &sd->sched);
+    if (config_dir) configs_from_dir(sd, config_dir, components & 7);
     Loader L = {NULL, 0, COMP_TEXT, &sd->unet.cfg, &sd->vae.cfg, seed * 0x9E3779B97F4A7C15ULL + 1, sd->f16, 0, 0, sd};
     if (components & SD_TEXT) { L.comp = COMP_TEXT; L.nparams = 0; clip_load(&sd->clip, &L); sd->params[0] = L.nparams; }
     if (components & SD_UNET) { L.comp = COMP_UNET; L.nparams = 0; unet_load(&sd->unet, &L); sd->params[1] = L.nparams; }
     if (components & SD_VAE) { L.comp = COMP_VAE; L.nparams = 0; vae_load(&sd->vae, &L); sd->params[2] = L.nparams; }
     sd->loaded = components & 7;
 }
+
+void sd_build_random(StableDiffusion* sd, int components, uint64_t seed) { build_random(sd, components, seed, NULL); }
 
 void sd_free(StableDiffusion* sd) {
     if (g_device == DEVICE_CUDA) cuda_weights_release();    // the cache is keyed by the pointers freed below
