@@ -55,7 +55,7 @@ ifeq ($(CUDA),1)
   TESTS += $(BUILD)/test_cuda
 endif
 
-.PHONY: all test debug golden bench demo fuzz clean cuda-check cuda-build cuda-compile cuda-found cuda-libdir
+.PHONY: all test debug golden bench demo fuzz clean cuda-check cuda-build cuda-compile cuda-found cuda-libdir cuda-link-flags cuda-link-flags-print
 all: instastyle
 
 $(BUILD)/%.o: %.c instastyle.h | $(BUILD)
@@ -105,6 +105,10 @@ cuda-found:
 	@$(MAKE) -s CUDA=1 BUILD=build-cuda cuda-libdir
 cuda-libdir:
 	@echo "$(CUDA_LIBDIR)"
+cuda-link-flags:     # what the CUDA build links with (CI probes it on a small program first)
+	@$(MAKE) -s CUDA=1 BUILD=build-cuda cuda-link-flags-print
+cuda-link-flags-print:
+	@echo "$(LDLIBS)"
 cuda-build: $(BUILD)/instastyle $(TESTS)
 $(BUILD)/instastyle: $(BUILD)/instastyle.o $(OBJ)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
