@@ -56,9 +56,11 @@ void* xmalloc(size_t n) {
     return p;
 }
 
-// Large buffers (weights, activation arenas, GEMM pack buffers) start on a 2 MiB boundary and ask
-// Linux for transparent huge pages: the convolutions read image rows a channel (often a power of
-// two, 1 MiB) apart, and with 4 KiB pages every such row costs a TLB miss. Freed with free().
+// Large buffers (activation arenas, GEMM pack buffers, tensor data read from files) start on a
+// 2 MiB boundary and ask Linux for transparent huge pages: the convolutions read image rows a
+// channel (often a power of two, 1 MiB) apart, and with 4 KiB pages every such row costs a TLB
+// miss. Model weights copied at load stay in malloc'ed memory: rounding each tensor up to whole
+// 2 MiB pages would cost ~300 MiB of RSS. Freed with free().
 #define HUGE_PAGE ((size_t)2 << 20)
 void* malloc_large(size_t n) {
     if (n < HUGE_PAGE) return aligned_alloc(64, (n + 63) / 64 * 64 + (n == 0) * 64);   // 64-byte aligned
