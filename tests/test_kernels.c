@@ -248,6 +248,8 @@ static void test_attention(void) {
         {1, 77, 77, 3, 16, 1},    // CLIP-like causal
         {2, 100, 7, 2, 5, 0},     // cross-attention: few keys, odd head size
         {1, 33, 33, 1, 64, 1},    // one query past a block, causal
+        {1, 70, 2300, 2, 40, 0},  // three key blocks (online softmax), a partial last one
+        {1, 2100, 2100, 1, 8, 1}, // causal over three key blocks: later blocks skipped per query block
     };
     char detail[256] = "", name[128];
     for (size_t t = 0; t < sizeof cases / sizeof *cases; t++) {
