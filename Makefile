@@ -69,8 +69,8 @@ $(BUILD):
 instastyle: $(BUILD)/instastyle.o $(OBJ)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/run_golden: tests/run_golden.c tests/golden_kinds.c tests/golden.h $(OBJ)
-	$(CC) $(CFLAGS) -I. tests/run_golden.c tests/golden_kinds.c $(OBJ) -o $@ $(LDLIBS)
+$(BUILD)/run_golden: tests/run_golden.c tests/golden_kinds.c tests/golden_clip.c tests/golden.h $(OBJ)
+	$(CC) $(CFLAGS) -I. tests/run_golden.c tests/golden_kinds.c tests/golden_clip.c $(OBJ) -o $@ $(LDLIBS)
 # Fuzz targets replayed over their seeds and regression inputs without libFuzzer (make fuzz runs them for real).
 FUZZ_TARGETS = safetensors json image png_inflate tokenizer vocab manifest noise trained
 REPLAYS = $(FUZZ_TARGETS:%=$(BUILD)/replay_%)

@@ -40,4 +40,9 @@ int kind_mix_sample(Case* c, Outputs* o);
 int kind_lora_grad(Case* c, Outputs* o);
 int kind_kv_grad(Case* c, Outputs* o);
 int kind_adamw_step(Case* c, Outputs* o);
+int kind_image_decode(Case* c, Outputs* o);     // golden_kinds.c (JPEG, image.c)
+int kind_clip_preprocess(Case* c, Outputs* o);  // golden_clip.c
+int kind_clip_vision(Case* c, Outputs* o);
+int kind_clip_text_embeds(Case* c, Outputs* o);
+int kind_clip_score(Case* c, Outputs* o);
 #endif

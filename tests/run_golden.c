@@ -169,6 +169,8 @@ static const Kind KINDS[] = {
     {"ddim_schedule", kind_ddim_schedule}, {"snr", kind_snr}, {"ddim_step", kind_ddim_step},
     {"invert", kind_invert}, {"sample", kind_sample}, {"mix_sample", kind_mix_sample},
     {"lora_grad", kind_lora_grad}, {"kv_grad", kind_kv_grad}, {"adamw_step", kind_adamw_step},
+    {"image_decode", kind_image_decode}, {"clip_preprocess", kind_clip_preprocess}, {"clip_vision", kind_clip_vision},
+    {"clip_text_embeds", kind_clip_text_embeds}, {"clip_score", kind_clip_score},
 };
 
 typedef enum { RES_PASS, RES_FAIL, RES_SKIP } Result;
